@@ -52,6 +52,20 @@ def test_layer_forward_is_base_plus_scaled_low_rank_update():
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dropout_acts_on_the_input_of_A_in_training_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 6), r=4, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 12)
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, 0.5, training=True)  # the same draw the layer will make
+    torch.manual_seed(7)
+    expected = layer.base(x) + dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer.train()(x), expected, atol=1e-5, rtol=0)
+    no_dropout = layer.base(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer.eval()(x), no_dropout, atol=1e-5, rtol=0)
+
+
 def test_init_is_peft_kaiming_uniform_and_zero_B():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 32), r=64)
@@ -127,6 +141,7 @@ def test_disabled_gives_base_and_restores_even_on_error():
 def test_merge_matches_unmerged_and_unmerge_restores_base():
     model, x = tiny_llama(), tokens()
     base_weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    base_logits = model(x)
     attach_lora(model, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
     randomize_lora_B(model)
     lora_logits = model(x)
@@ -137,6 +152,8 @@ def test_merge_matches_unmerged_and_unmerge_restores_base():
     torch.testing.assert_close(model(x), lora_logits, atol=1e-5, rtol=0)
     merge_lora(model)  # a second merge must not add the delta twice
     torch.testing.assert_close(model(x), lora_logits, atol=1e-5, rtol=0)
+    with lora_disabled(model):  # switched off while merged: the delta is taken back out
+        torch.testing.assert_close(model(x), base_logits, atol=1e-5, rtol=0)
     unmerge_lora(model)
     torch.testing.assert_close(layer.base.weight, base_weights["blocks.0.mlp.down_proj.weight"], atol=1e-6, rtol=0)
     torch.testing.assert_close(model(x), lora_logits, atol=1e-5, rtol=0)
