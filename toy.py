@@ -128,6 +128,8 @@ class TwoHopWorld:
         second_hops = {(self.tail[h, r1], r2) for h, r1, r2 in self.train_two_hop}
         self.id_two_hop = [(h, r1, r2) for h, r1, r2 in held_out
                            if (h, r1) in first_hops and (self.tail[h, r1], r2) in second_hops]
+        if not self.id_two_hop:
+            raise ValueError("no held-out in-distribution two-hop fact: lower inferred_ratio or raise n_entities")
 
     # --- token sequences ---
 
