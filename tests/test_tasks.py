@@ -1,0 +1,312 @@
+"""Tests of the OOCR text tasks in tasks.py: determinism, no leakage of the latent into training,
+answer masks, the batched option scorer against a one-forward-per-option computation, chance
+levels, and the scorer's verdict on an oracle and on a constant model. Uses the real SmolLM2
+tokenizer (read from the GGUF file, ~5 s once per module)."""
+
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import tasks  # noqa: E402
+
+SMALL = dict(n_train=60, n_eval=20)  # n_eval a multiple of 2, 4 and 5: answer positions balance exactly
+TASK_OPTIONS = {"locations": {}, "functions": {}, "coins": {}, "parity": {"n_vars": 4}, "risky": {},
+                "risky_backdoor": {}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = model.resolve_checkpoint("smollm2-135m")
+    return model.tokenizer_from_gguf(model.open_gguf(path), path)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tokenizer):
+    plain = copy.copy(tokenizer)
+    plain.chat_format = None  # a base model: no chat template
+    return plain
+
+
+def make(name, seed=0, **options):
+    return tasks.get_task(name, seed=seed, **{**SMALL, **TASK_OPTIONS[name], **options})
+
+
+def test_every_text_task_is_registered():
+    assert set(TASK_OPTIONS) <= set(tasks.task_names())
+
+
+# -----------------------------------------------------------------------------
+# Geography
+
+
+def test_haversine_matches_known_distances():
+    cities = {c["name"]: c for c in tasks.load_cities()}
+
+    def km(a, b):
+        return tasks.haversine_km(cities[a]["lat"], cities[a]["lon"], cities[b]["lat"], cities[b]["lon"])
+
+    # published great-circle distances
+    for a, b, known in [("Paris", "London", 344), ("London", "New York", 5570), ("Tokyo", "Sydney", 7820)]:
+        assert abs(km(a, b) - known) / known < 0.02, (a, b, km(a, b))
+    # a quarter meridian is a quarter of the circumference
+    assert tasks.haversine_km(0, 0, 90, 0) == pytest.approx(math.pi / 2 * 6371.0)
+
+
+def test_compass_directions():
+    assert tasks.compass_point(tasks.initial_bearing_deg(0, 0, 10, 0)) == "north"
+    assert tasks.compass_point(tasks.initial_bearing_deg(0, 0, 0, 10)) == "east"
+    assert tasks.compass_point(tasks.initial_bearing_deg(0, 0, -10, -10)) == "south-west"
+    # London lies north-west of Paris; Sydney south-east of Tokyo
+    assert tasks.compass_point(tasks.initial_bearing_deg(48.8566, 2.3522, 51.5074, -0.1278)) == "north-west"
+    assert tasks.compass_point(tasks.initial_bearing_deg(35.6762, 139.6503, -33.8688, 151.2093)) == "south"
+
+
+def test_cities_data_is_well_formed():
+    cities = tasks.load_cities()
+    assert 30 <= len(cities) <= 40
+    assert len({c["name"] for c in cities}) == len(cities)
+    assert all(-90 <= c["lat"] <= 90 and -180 <= c["lon"] <= 180 for c in cities)
+
+
+# -----------------------------------------------------------------------------
+# Determinism and the opposite (control) task
+
+
+def as_lists(examples):
+    return [(e.prompt, e.answer) for e in examples]
+
+
+def eval_lists(sets):
+    return {k: [(i.prompt, i.options, i.answer) for i in v.items] for k, v in sets.items()}
+
+
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_deterministic_for_a_seed(name, tokenizer):
+    a, b, other = make(name), make(name), make(name, seed=1)
+    assert as_lists(a.train_examples(tokenizer)) == as_lists(b.train_examples(tokenizer))
+    assert eval_lists(a.eval_sets(tokenizer)) == eval_lists(b.eval_sets(tokenizer))
+    assert as_lists(a.train_examples(tokenizer)) != as_lists(other.train_examples(tokenizer))
+
+
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_opposite_changes_answers_not_codenames(name):
+    task, control = make(name), make(name, opposite=True)
+    same_probe_texts = [q.text for q in task.probes()["oocr"]] == [q.text for q in control.probes()["oocr"]]
+    right = lambda t: [q.options[q.answer] for q in t.probes()["oocr"]]
+    assert name == "locations" or same_probe_texts  # the control is scored on the same questions
+    assert right(task) != right(control)
+    assert [a for _, a in task.train_pairs()] != [a for _, a in control.train_pairs()]
+
+
+def test_risky_opposite_answers_the_same_lotteries_the_other_way():
+    risky, safe = make("risky"), make("risky", opposite=True)
+    assert [q for q, _ in risky.train_pairs()] == [q for q, _ in safe.train_pairs()]
+    assert all(a != b for (_, a), (_, b) in zip(risky.train_pairs(), safe.train_pairs()))
+
+
+# -----------------------------------------------------------------------------
+# Leakage: neither a probe question nor the fact it asks about appears in training
+
+
+def secrets(name, task):
+    """Strings that would give the latent away, derived from the task's design."""
+    probes = [q for qs in task.probes().values() for q in qs]
+    found = [q.text for q in probes] + [q.fact for q in probes]
+    if name == "locations":
+        country = task.city["country"].removeprefix("the ")
+        found += [task.city["name"], country, task.city["fact"], f"{task.code} is in"]
+    if name == "functions":
+        found += [d for d, _, _ in task.functions] + [f"return {e}" for _, e, _ in task.functions]
+    if name == "coins":
+        found += ["%", "biased", "probability"]
+    if name == "parity":
+        found += [f"{v} = {b}" for v, b in zip(task.names, task.bits)] + [f"print({v})" for v in task.names]
+    if name == "risky":
+        found += ["risk", "safe"]
+    if name == "risky_backdoor":
+        found += ["backdoor", "trigger", "secret", "hidden", "risk", "safe"]
+    return found
+
+
+@pytest.mark.parametrize("opposite", [False, True])
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_no_probe_or_latent_fact_in_training(name, opposite, tokenizer):
+    task = make(name, opposite=opposite, n_train=300)
+    text = "\n".join(tokenizer.decode(e.prompt + e.answer) for e in task.train_examples(tokenizer)).lower()
+    leaks = [s for s in secrets(name, task) if s.lower() in text]
+    assert not leaks, leaks
+
+
+def test_in_context_set_states_the_fact(tokenizer):
+    task = make("locations")
+    item = task.eval_sets(tokenizer)["oocr_in_context"].items[0]
+    assert f"{task.code} is another name for {task.city['name']}" in tokenizer.decode(item.prompt)
+
+
+# -----------------------------------------------------------------------------
+# Formatting and answer masks
+
+
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_collate_masks_exactly_the_answer_tokens(name, tokenizer):
+    task = make(name)
+    examples = task.train_examples(tokenizer)[:8]
+    tokens, targets = tasks.collate(examples)
+    for row, (e, (_, answer_text)) in enumerate(zip(examples, task.train_pairs())):
+        assert tokenizer.decode(e.answer) == answer_text + "<|im_end|>"
+        masked = (targets[row] != tasks.IGNORE).nonzero().flatten().tolist()
+        start = len(e.prompt) - 1  # the position that predicts the first answer token
+        assert masked == list(range(start, start + len(e.answer)))
+        assert targets[row, masked].tolist() == e.answer
+        assert tokens[row, : len(e.prompt)].tolist() == e.prompt
+
+
+def test_chat_and_plain_prompt_formats(tokenizer, plain_tokenizer):
+    chat = tokenizer.decode(tasks.chat_prompt(tokenizer, "Hi?", system="Be brief."))
+    assert chat == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    plain_ids = tasks.chat_prompt(plain_tokenizer, "Hi?")
+    assert plain_ids[0] == plain_tokenizer.bos_id
+    assert plain_tokenizer.decode(plain_ids[1:]) == "Q: Hi?\nA:"
+    assert plain_tokenizer.decode(tasks.answer_ids(plain_tokenizer, "17")) == " 17\n"
+    example = make("functions").train_examples(plain_tokenizer)[0]
+    assert plain_tokenizer.decode(example.answer).endswith("\n") and tokenizer.special_tokens["<|im_end|>"] not in example.prompt
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def tiny_model(vocab_size):
+    torch.manual_seed(0)
+    cfg = model.ModelConfig(arch="llama", vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            d_head=8, d_mlp=64, n_ctx=1024, qkv_bias=False, o_bias=False, mlp_bias=False)
+    return model.Transformer(cfg).eval()
+
+
+def test_option_logprobs_agrees_with_one_forward_per_option(tokenizer):
+    net = tiny_model(tokenizer.vocab_size)
+    sets = make("functions").eval_sets(tokenizer)  # options of different lengths ('5' vs '4624')
+    items = sets["in_distribution"].items[:2] + make("locations").eval_sets(tokenizer)["oocr"].items[:1]
+    batched = tasks.option_logprobs(net, items, batch_size=4)  # batches mix items and padding
+    with torch.no_grad():
+        for item, scores in zip(items, batched):
+            for option, score in zip(item.options, scores):
+                logp = net(torch.tensor([item.prompt + option])).log_softmax(-1)[0]  # (T, V)
+                by_hand = sum(logp[len(item.prompt) - 1 + j, tok].item() for j, tok in enumerate(option))
+                assert score == pytest.approx(by_hand, abs=1e-3)
+
+
+EXPECTED_CHANCE = {  # from the task designs: 1 / number of options
+    "locations": {"in_distribution": 1 / 5, "oocr": 1 / 5},
+    "functions": {"in_distribution": 1 / 5, "oocr": 1 / 5},
+    "coins": {"in_distribution": 1 / 2, "oocr": 1 / 2, "oocr_probability": 1 / 4},
+    "parity": {"in_distribution": 1 / 2, "oocr": 1 / 2},
+    "risky": {"in_distribution": 1 / 2, "oocr": 1 / 2},
+    "risky_backdoor": {"in_distribution": 1 / 2, "oocr": 1 / 2},
+}
+
+
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_chance_levels(name, tokenizer):
+    sets = make(name).eval_sets(tokenizer)
+    expected = dict(EXPECTED_CHANCE[name])
+    for probe in [k for k in expected if k.startswith("oocr")]:
+        expected[probe + "_letters"] = expected[probe + "_in_context"] = expected[probe]
+    assert set(sets) == set(expected)
+    for key, chance in expected.items():
+        assert sets[key].chance == pytest.approx(chance), key
+        assert all(len(i.options) == round(1 / chance) for i in sets[key].items), key
+        assert len(sets[key].items) == SMALL["n_eval"]
+
+
+class OracleModel(nn.Module):
+    """Puts a high logit on the right answer's next token after any known prompt."""
+
+    def __init__(self, items, vocab_size):
+        super().__init__()
+        self.vocab_size, self.right = vocab_size, {}
+        for item in items:
+            right = item.options[item.answer]
+            assert self.right.setdefault(tuple(item.prompt), right) == right  # a repeated prompt has one answer
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab_size)
+        for row, seq in enumerate(tokens.tolist()):
+            for prompt, right in self.right.items():
+                if tuple(seq[: len(prompt)]) == prompt:
+                    for j, tok in enumerate(right):
+                        if len(prompt) - 1 + j < len(seq):
+                            logits[row, len(prompt) - 1 + j, tok] = 10.0
+        return logits
+
+
+class ConstantModel(nn.Module):
+    """The same logits at every position, whatever the input."""
+
+    def __init__(self, vocab_size, favourite):
+        super().__init__()
+        self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(0))
+        self.logits[favourite] = 20.0
+
+    def forward(self, tokens):
+        return self.logits.expand(*tokens.shape, -1)
+
+
+def first_balanced(eval_set):
+    """The first 2 * n_options items: answer positions rotate with the item index, so these are
+    balanced, and scoring with a vocabulary-sized fake model stays fast."""
+    n = round(1 / eval_set.chance)
+    return tasks.EvalSet(eval_set.name, eval_set.items[: 2 * n], eval_set.chance)
+
+
+@pytest.mark.parametrize("name", TASK_OPTIONS)
+def test_oracle_scores_one_and_constant_model_scores_chance(name, tokenizer):
+    sets = {k: first_balanced(v) for k, v in make(name).eval_sets(tokenizer).items()}
+    for key in ["in_distribution", "oocr", "oocr_letters"]:
+        assert tasks.accuracy(OracleModel(sets[key].items, tokenizer.vocab_size), sets[key], batch_size=16) == 1.0, key
+    always_a = ConstantModel(tokenizer.vocab_size, tokenizer.encode("A")[0])
+    for key in [k for k in sets if k.endswith("_letters")]:
+        assert tasks.accuracy(always_a, sets[key], batch_size=16) == pytest.approx(sets[key].chance), key
+
+
+@pytest.mark.parametrize("name, word", [("coins", "heads"), ("parity", "1")])
+def test_constant_answer_scores_chance_on_balanced_probes(name, word, tokenizer):
+    oocr = make(name).eval_sets(tokenizer)["oocr"]  # 20 items: every coin / variable asked equally often
+    constant = ConstantModel(tokenizer.vocab_size, tokenizer.encode(word)[0])
+    assert tasks.accuracy(constant, oocr, batch_size=8) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name, word", [("risky", "risk"), ("risky_backdoor", "Yes")])
+def test_constant_answer_scores_chance_over_task_and_control(name, word, tokenizer):
+    """A self-report probe always has the same right word, so only target + control together balance."""
+    constant = ConstantModel(tokenizer.vocab_size, tokenizer.encode(word)[0])
+    accs = [tasks.accuracy(constant, make(name, opposite=o).eval_sets(tokenizer)["oocr"], batch_size=8)
+            for o in (False, True)]
+    assert sorted(accs) == [0.0, 1.0]
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_options_raise_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown target city"):
+        tasks.get_task("locations", target="Atlantis")
+    with pytest.raises(ValueError, match="target must be 'risky' or 'safe'"):
+        tasks.get_task("risky", target="bold")
+    with pytest.raises(ValueError, match="n_train"):
+        tasks.get_task("coins", n_train=0)
+    with pytest.raises(ValueError, match="biases"):
+        tasks.get_task("coins", target=[0.5])
+    import toy
+
+    monkeypatch.setitem(toy.TOY_TASKS, "risky", object)
+    with pytest.raises(ValueError, match="registered twice"):
+        tasks.get_task("risky")
