@@ -245,10 +245,12 @@ def make_eval_set(name, tokenizer, questions):
 
 def codenames(rng, n, length=3):
     """n distinct lowercase consonant strings ('kzx'): no vowels, so no real word the model knows."""
-    names = set()
-    while len(names) < n:
-        names.add("".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(length)))
-    return sorted(names, key=lambda s: rng.random())
+    names = []
+    while len(names) < n:  # a list, not a set: set order depends on PYTHONHASHSEED
+        name = "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(length))
+        if name not in names:
+            names.append(name)
+    return names
 
 
 class TextTask:

@@ -6,6 +6,7 @@ tokenizer (read from the GGUF file, ~5 s once per module)."""
 import copy
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -93,6 +94,16 @@ def test_deterministic_for_a_seed(name, tokenizer):
     assert as_lists(a.train_examples(tokenizer)) == as_lists(b.train_examples(tokenizer))
     assert eval_lists(a.eval_sets(tokenizer)) == eval_lists(b.eval_sets(tokenizer))
     assert as_lists(a.train_examples(tokenizer)) != as_lists(other.train_examples(tokenizer))
+
+
+def test_same_data_in_every_process():
+    """Set iteration order changes with PYTHONHASHSEED; the data must not."""
+    code = ("import tasks, hashlib; print(hashlib.sha256(repr([tasks.get_task(n).train_pairs() + "
+            "[vars(q) for qs in tasks.get_task(n).probes().values() for q in qs] for n in tasks.TEXT_TASKS]).encode()).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda hashseed: subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                                          env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout
+    assert run("1") == run("2") != ""
 
 
 @pytest.mark.parametrize("name", TASK_OPTIONS)
