@@ -555,9 +555,8 @@ class ParityTask(TextTask):
             raise ValueError(f"parity: target must be {n_vars} bits of 0/1 (got {target})")
         self.bits = [1 - b for b in bits] if opposite else bits
         self.names = codenames(self.rng("code"), n_vars)
-        combos = [(a, b) for a in range(n_vars) for b in range(a + 1, n_vars)]
-        combos += [(a, b, c) for a, b, c in itertools.combinations(range(n_vars), 3)]
-        combos = [(vars, const) for vars in combos for const in (0, 1)]
+        subsets = [*itertools.combinations(range(n_vars), 2), *itertools.combinations(range(n_vars), 3)]
+        combos = [(variables, const) for variables in subsets for const in (0, 1)]  # held out as whole formulas
         combos = self.rng("split").sample(combos, len(combos))
         cut = max(1, len(combos) // 5)
         self.heldout_combos, self.train_combos = combos[:cut], combos[cut:]
