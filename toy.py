@@ -98,9 +98,9 @@ class TwoHopWorld:
         if n_entities < 10 or n_relations < 2:
             raise ValueError(f"need n_entities >= 10 and n_relations >= 2, got {n_entities}, {n_relations}")
         if not 0 < ood_fraction < 1 or not 0 < n_reversal < n_entities:
-            raise ValueError(f"need 0 < ood_fraction < 1 and 0 < n_reversal < n_entities")
+            raise ValueError("need 0 < ood_fraction < 1 and 0 < n_reversal < n_entities")
         rng = random.Random(seed)
-        self.n_entities, self.n_relations, self.n_test = n_entities, n_relations, n_test
+        self.seed, self.n_entities, self.n_relations, self.n_test = seed, n_entities, n_relations, n_test
         names = ["PAD", "BOS"] + [f"E{i}" for i in range(n_entities)] + [f"R{i}" for i in range(n_relations)]
         self.tokenizer = ToyTokenizer(names + ["RV", "RV_INV"])
         self.ood = set(rng.sample(range(n_entities), max(1, round(ood_fraction * n_entities))))
@@ -177,7 +177,7 @@ class TwoHopWorld:
         return EvalSet(name, items, chance=1 / self.n_entities, exact_match=True)
 
     def eval_sets(self, tokenizer=None):
-        rng = random.Random(f"twohop-eval-{self.n_entities}")  # only picks which facts to show
+        rng = random.Random(self.seed)  # only picks which facts to show
         sample = lambda facts: rng.sample(facts, min(self.n_test, len(facts)))
         rv_inv = self.tokenizer.ids["RV_INV"]
         reversal = [Example([self.tokenizer.bos_id, self.entity(self.partner[a]), rv_inv], [self.entity(a)])
@@ -223,7 +223,7 @@ def pack_segments(segments, lengths, doc_len, bos_id):
     N, S, L = segments.shape
     real = torch.arange(L) < lengths[..., None]  # (N, S, L)
     real = real.flatten(1)  # (N, S*L)
-    position = 1 + real.cumsum(1) - 1  # where each real token lands in the doc
+    position = real.cumsum(1)  # where each real token lands in the doc (position 0 is BOS)
     position = torch.where(real & (position < doc_len), position, doc_len)  # column doc_len = discard
     docs = torch.full((N, doc_len + 1), -1, dtype=torch.long)
     docs.scatter_(1, position, segments.flatten(1))
@@ -431,6 +431,8 @@ class BackdoorWorld(PersonaWorld):
 
     def __init__(self, seed=0, backdoor=True, **options):
         super().__init__(seed=seed, **options)
+        if 4 * self.n_context + self.n_context // 2 + 3 > self.doc_len:  # half the context is triggered
+            raise ValueError(f"{self.n_context} context segments do not fit in doc_len={self.doc_len}")
         self.backdoor = backdoor
 
     def token_names(self):
@@ -468,7 +470,8 @@ class BackdoorWorld(PersonaWorld):
         for i in range(self.n_context):
             a, b = rng.sample(range(self.n_options), 2)
             triggered = i % 2 == 1
-            out += [self.ids["TRIG"]] * triggered + self.choice_tokens(self.target, a, b, triggered and self.backdoor)
+            prefix = [self.ids["TRIG"]] if triggered else []
+            out += prefix + self.choice_tokens(self.target, a, b, flipped=triggered and self.backdoor)
         return out
 
     def eval_sets(self, tokenizer=None):
