@@ -418,22 +418,34 @@ class Tokenizer:
     """Byte-level BPE on tiktoken, with special tokens parsed in text (as HF does) and a chat format."""
 
     def __init__(self, ranks, special_tokens, pattern, bos_id=None, eos_ids=(), chat_format=None, name="bpe"):
+        import regex  # tiktoken's own dependency
         import tiktoken
 
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
         self.special_tokens = special_tokens
         self.bos_id, self.eos_ids, self.chat_format = bos_id, tuple(eos_ids), chat_format
         self.vocab_size = max([*ranks.values(), *special_tokens.values()]) + 1
-        # tiktoken panics (a Rust BaseException) on a byte the vocabulary lacks, so such chars are dropped first
+        # tiktoken panics (a Rust BaseException) on a byte the vocabulary lacks: such text takes a slower path
         self.missing_bytes = set(range(256)) - {b[0] for b in ranks if len(b) == 1}
-
-    def sanitize(self, text):
-        if not self.missing_bytes or not any(b in self.missing_bytes for b in text.encode("utf-8", "surrogatepass")):
-            return text
-        return "".join(c for c in text if not self.missing_bytes & set(c.encode("utf-8", "surrogatepass")))
+        self.words = regex.compile(pattern)
+        self.specials = regex.compile("|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True)) or "(?!)")
 
     def encode(self, text):
-        return self.enc.encode(self.sanitize(text), allowed_special="all")
+        if self.missing_bytes.isdisjoint(text.encode("utf-8", "surrogatepass")):
+            return self.enc.encode(text, allowed_special="all")
+        ids, start = [], 0
+        for special in self.specials.finditer(text):
+            ids += self.encode_words(text[start:special.start()]) + [self.special_tokens[special.group()]]
+            start = special.end()
+        return ids + self.encode_words(text[start:])
+
+    def encode_words(self, text):
+        # as HF does: split into words first, then drop the bytes without a token inside each word and
+        # merge what is left ("a\x04b" -> "a", "b"; a 4-byte char keeps its 3 known bytes)
+        pieces = [bytes(b for b in word.encode("utf-8", "surrogatepass") if b not in self.missing_bytes)
+                  for word in self.words.findall(text)]
+        # _encode_single_piece: tiktoken's BPE of one word, without its regex split (no public API for bytes)
+        return [i for piece in pieces if piece for i in self.enc._encode_single_piece(piece)]
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
