@@ -145,6 +145,7 @@ def test_saved_model_loads_in_hf_with_same_logits(arch, tmp_path):
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     # HF fills a tensor it does not find with random numbers, with only a warning
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.tie_word_embeddings == ours.cfg.tie_embeddings
     tokens = random_tokens()
     with torch.no_grad():
         expected, got = hf.eval()(tokens).logits, ours(tokens)
@@ -254,6 +255,7 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
 def smollm2_reference_tokenizer():
     """The `tokenizers` library on the GGUF's vocabulary with SmolLM2's own pre-tokenizer (from its
     tokenizer.json); HF transformers' GGUF tokenizer splits digits wrongly, so it is not used."""
@@ -267,14 +269,18 @@ def smollm2_reference_tokenizer():
     return reference
 
 
-def test_smollm2_tokenizer_matches_tokenizers_library(smollm2):
+def test_smollm2_tokenizer_matches_tokenizers_library(smollm2, smollm2_reference_tokenizer):
     _, ours = smollm2
-    assert_same_tokenization(ours, smollm2_reference_tokenizer())
+    assert_same_tokenization(ours, smollm2_reference_tokenizer)
 
 
-def test_bytes_missing_from_vocabulary_do_not_crash(smollm2):
+def test_bytes_missing_from_vocabulary_do_not_crash(smollm2, smollm2_reference_tokenizer):
+    # SmolLM2 has no token for 0x04, 0x06, 0x13, 0xf1, ... (tiktoken would panic on them); HF drops
+    # those bytes after splitting the text into words, and so must we
     _, ours = smollm2
-    # SmolLM2 has no token for byte 0x04 (tiktoken would panic on it); the rest of the text survives
+    for text in ["a\x04b c", "!\x04?", "x \x04 y", "\x04", "<|im_start|>\x04user\x06\n12\x043<|im_end|>",
+                 "hello\x13world", "\U00050000abc"]:  # U+50000 is f1 90 80 80 in UTF-8
+        assert ours.encode(text) == smollm2_reference_tokenizer.encode(text).ids, text
     assert ours.decode(ours.encode("a\x04b c")) == "ab c"
 
 
@@ -327,6 +333,15 @@ def test_sampling_is_reproducible_and_top1_is_greedy(smollm2):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def tiny(request):
     return our_random_model(request.param)
+
+
+def test_kv_cache_matches_full_forward(tiny):
+    # two chunks through the cache: positions and the causal mask must continue where they stopped
+    tokens = random_tokens()
+    with torch.no_grad():
+        cache = tiny.new_cache()
+        chunked = torch.cat([tiny(tokens[:, :25], cache), tiny(tokens[:, 25:], cache)], dim=1)  # (B, T, vocab)
+        assert max_diff(chunked, tiny(tokens)) < 1e-5
 
 
 def test_last_resid_post_through_final_norm_and_unembed_is_logits(tiny):
