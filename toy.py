@@ -192,7 +192,9 @@ class TwoHopWorld:
     def model_config(self):
         return gpt2_config(self.tokenizer.vocab_size, n_ctx=8)
 
-    # composition is learned only late (grokking); these give the atomic facts and ID two-hop a chance
+    # Measured (seed 0, AdamW wd 0.1, constant lr): 3000 steps (~130 s on one thread) fit the training
+    # facts (atomic 1.00) while ID two-hop stays 0.05, OOD 0.02, reversal 0.00: memorisation before
+    # grokking, which needs far longer training (the paper: ~10^5 steps).
     pretrain_defaults = {"steps": 3000, "batch_size": 256, "lr": 1e-3, "warmup": 100}
 
 
