@@ -64,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     out: str = ""
     cache_dir: str = os.path.join(HERE, ".cache")
+    pretrain_steps: int | None = None  # toy model pretraining steps (None: the task's default)
     resume: bool = False
 
 
@@ -117,6 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every)
     p.add_argument("--out", default="", help="run directory (default: runs/<task>-<adapter>-seed<seed>)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="where pretrained toy models are kept")
+    p.add_argument("--pretrain-steps", type=positive_int, help="toy model pretraining steps (default: the task's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a = p.parse_args(argv)
     if a.layer is not None and a.layers is not None:
@@ -137,7 +139,7 @@ def parse_args(argv=None):
                        schedule=a.schedule, weight_decay=a.weight_decay, grad_clip=a.grad_clip, seed=a.seed,
                        device=a.device, dtype=a.dtype, eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
                        out=a.out or os.path.join("runs", f"{a.task}-{a.adapter}-seed{a.seed}"),
-                       cache_dir=a.cache_dir, resume=a.resume)
+                       cache_dir=a.cache_dir, pretrain_steps=a.pretrain_steps, resume=a.resume)
 
 
 class RunError(Exception):
@@ -421,12 +423,13 @@ def print_table(metrics):
 
 def toy_cache_path(cfg, task):
     """Pretraining depends on the world (task, seed, size) and the recipe, not on the fine-tuning target."""
-    recipe = json.dumps([task.model_config().to_dict(), task.pretrain_defaults, getattr(task, "world_options", {})], sort_keys=True)
+    recipe = json.dumps([task.model_config().to_dict(), task.pretrain_defaults, cfg.pretrain_steps,
+                         {k: v for k, v in cfg.task_options.items() if k not in ("target", "opposite")}], sort_keys=True)
     return os.path.join(cfg.cache_dir, f"{cfg.task}-seed{cfg.seed}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}")
 
 
 def pretrain_config(cfg, task, out):
-    d = task.pretrain_defaults
+    d = {**task.pretrain_defaults, **({"steps": cfg.pretrain_steps} if cfg.pretrain_steps else {})}
     return replace(cfg, adapter="full", model="scratch", out=out, steps=d["steps"], batch_size=d["batch_size"],
                    lr=d["lr"], warmup=d.get("warmup", 0), schedule="cosine", weight_decay=d.get("weight_decay", 0.1),
                    grad_accum=1, layers=None, eval_every=d["steps"], checkpoint_every=max(1, d["steps"] // 5),
@@ -441,17 +444,20 @@ def base_model(cfg, task, device):
     if cfg.model == "scratch":
         torch.manual_seed(cfg.seed)
         return Transformer(task.model_config()).to(device), task.tokenizer
+    path = cfg.model
     if cfg.model == "toy":
         cached = toy_cache_path(cfg, task)
-        if not os.path.exists(os.path.join(cached, "model", "model.safetensors")):
+        path = os.path.join(cached, "model")
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
             print(f"pretraining the {cfg.task} world's model from scratch (cached in {cached})")
             run(pretrain_config(cfg, task, cached))
-        return load_model(os.path.join(cached, "model"), device=device)[0], task.tokenizer
-    model, tokenizer = load_model(cfg.model, device=device)
-    if is_toy:
-        raise RunError(f"toy task {cfg.task!r} has its own vocabulary: use --model toy or scratch, not {cfg.model}")
+    model, tokenizer = load_model(path, device=device)
+    if is_toy:  # a toy world brings its own vocabulary; the checkpoint must have been trained on it
+        if model.cfg.vocab_size != task.tokenizer.vocab_size:
+            raise RunError(f"{path}: vocabulary of {model.cfg.vocab_size} tokens, but the {cfg.task} world has {task.tokenizer.vocab_size}")
+        tokenizer = task.tokenizer
     if tokenizer is None:
-        raise RunError(f"{cfg.model}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+        raise RunError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
     return model, tokenizer
 
 
