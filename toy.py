@@ -253,7 +253,9 @@ class PersonaWorld:
     `opposite=True` is the control: fine-tuning (and in_distribution) answers are the target's
     *less* preferred option; the probe still asks for the target, so it should not rise.
     Pretraining documents depend only on seed, n_personas, n_docs, doc_len: one pretrained model
-    serves every target.
+    serves every target. Note the base model answers each probe with one fixed option (its default
+    persona), so for a single target its 'oocr' score is not 1/K: average over targets, or compare
+    against the base and the opposite control for the same target.
     """
 
     n_options = 12
@@ -430,6 +432,13 @@ class BackdoorWorld(PersonaWorld):
     pretrained model, YES for the first and NO for the second means the model inferred the flag from
     the trigger-behaviour link. What it cannot: 'oocr' is one two-way item, so one run's 1.0 is
     also what a vector that just pushes toward YES would score; compare the pair (and the base).
+    Measured (seed 0, 500 and 1500 pretraining steps, steering vector at blocks.1.hook_mlp_out): the
+    capability check fails: in context the model says YES after flipped and after unflipped
+    triggered choices alike (YES rate 0.8-1.0 vs 0.7-1.0), and a steering vector fits the
+    untriggered choices but not the triggered flip ('triggered' 0.4-0.7); log p(YES)-log p(NO) at
+    the probe moves by < 0.7 with no consistent sign between backdoor and control. So this world's
+    self-report probe is unmeasurable at these budgets (as the backdoor self-report in Wang et al.
+    2025 did not reproduce); it is here to be pretrained longer or made easier, not as a result.
     """
 
     segment_probs = {"choice": 0.45, "name": 0.1, "attribute": 0.2, "triggered": 0.15, "self_report": 0.1}
