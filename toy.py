@@ -358,7 +358,8 @@ class PersonaWorld:
     # Measured (AdamW wd 0.1, cosine; then a steering vector at blocks.1.hook_mlp_out, Adam 1e-2, 200
     # steps; mean over the 8 targets): 150 steps -> no in-context inference (0.13-0.18) and no OOCR
     # (0.20); 300 steps -> OOCR 0.90-1.00 (3 seeds); 500 steps -> in-context 0.56-0.64, OOCR 1.00
-    # (2 seeds), base 0.125. 500 steps take ~80 s on one CPU thread.
+    # (2 seeds x 8 targets; seed 3 target 0: 0.00 -> 1.00), base 0.125. 500 steps take ~80 s on one
+    # uncontended CPU thread (~190 s with 2 threads on 2 busy cores).
     pretrain_defaults = {"steps": 500, "batch_size": 128, "lr": 3e-3, "warmup": 50}
 
     # --- fine-tuning and evaluation ---
