@@ -88,9 +88,16 @@ def positive_int(text):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line (not argparse's usage block): `error: <problem> (see --help)`."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
 def parse_args(argv=None):
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", choices=["full", "lora", "steer"], default=d.adapter)
     p.add_argument("--task", choices=tasks.task_names(), default=d.task)
     p.add_argument("--model", default=d.model, help="toy | scratch | smollm2-135m | HF checkpoint dir | .gguf file")
