@@ -49,8 +49,8 @@ class TrainConfig:
     hook: str = "hook_mlp_out"
     positions: str = "all"
     lr: float | None = None  # None: 1e-2 steer, 1e-3 lora, 3e-4 full (the task's own for pretraining)
-    steps: int = 200
-    batch_size: int = 128
+    steps: int | None = None  # None: 200 on toy models, 100 on real ones
+    batch_size: int | None = None  # None: 128 on toy models (full batch), 16 on real ones
     grad_accum: int = 1
     warmup: int = 0
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
@@ -101,7 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", choices=["full", "lora", "steer"], default=d.adapter)
     p.add_argument("--task", choices=tasks.task_names(), default=d.task)
     p.add_argument("--model", default=d.model, help="toy | scratch | smollm2-135m | HF checkpoint dir | .gguf file")
-    p.add_argument("--target", type=int, help="the task's target (e.g. persona index); default: the task's own")
+    p.add_argument("--target", help="the task's target (e.g. persona index 3, a city); default: the task's own")
+    p.add_argument("--opposite", action="store_true", help="train on the task's opposite target: the control run")
     p.add_argument("--layer", type=int, help="one layer (steering vector / LoRA block)")
     p.add_argument("--layers", type=layer_list, help="comma-separated layers, or 'all'")
     p.add_argument("--lora-rank", type=positive_int, default=d.lora_rank)
@@ -111,8 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--hook", choices=["hook_resid_pre", "hook_resid_post", "hook_mlp_out"], default=d.hook)
     p.add_argument("--positions", default=d.positions, help="all | from:K | last | codename | adaptive")
     p.add_argument("--lr", type=float)
-    p.add_argument("--steps", type=positive_int, default=d.steps)
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--steps", type=positive_int, help="default: 200 on toy models, 100 on real ones")
+    p.add_argument("--batch-size", type=positive_int, help="default: 128 on toy models, 16 on real ones")
     p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule)
@@ -138,7 +139,9 @@ def parse_args(argv=None):
     if a.warmup < 0 or a.weight_decay < 0 or a.grad_clip < 0:
         p.error("--warmup, --weight-decay and --grad-clip must be >= 0")
     layers = [a.layer] if a.layer is not None else a.layers
-    options = {} if a.target is None else {"target": a.target}
+    options = {} if a.target is None else {"target": int(a.target) if a.target.isdigit() else a.target}
+    if a.opposite:
+        options["opposite"] = True
     return TrainConfig(adapter=a.adapter, task=a.task, model=a.model, task_options=options, layers=layers,
                        lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                        lora_targets=a.lora_targets.split(","), hook=a.hook, positions=a.positions, lr=a.lr,
@@ -484,11 +487,17 @@ def check_out_dir(cfg):
         raise RunError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
 
 
+def with_defaults(cfg):
+    """Fill what depends on the adapter and the model: small toy models train full-batch and longer."""
+    toy_model = cfg.task in toy.TOY_TASKS
+    return replace(cfg, lr=cfg.lr or {"steer": 1e-2, "lora": 1e-3, "full": 3e-4}[cfg.adapter],
+                   steps=cfg.steps or (200 if toy_model else 100), batch_size=cfg.batch_size or (128 if toy_model else 16))
+
+
 def run(cfg):
     """Train and evaluate one run; writes everything into cfg.out and returns metrics."""
     device = resolve_device(cfg.device)
-    if cfg.lr is None:
-        cfg = replace(cfg, lr={"steer": 1e-2, "lora": 1e-3, "full": 3e-4}[cfg.adapter])
+    cfg = with_defaults(cfg)
     check_out_dir(cfg)
     torch.manual_seed(cfg.seed)
     try:
