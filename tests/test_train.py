@@ -70,7 +70,7 @@ def test_steer_leaves_base_weights_bit_identical(short_default, tmp_path):
     model, _ = load_model(toy_checkpoint(cfg))
     before = copy.deepcopy(model.state_dict())
     task = tasks.get_task(cfg.task, seed=0, **cfg.task_options)
-    run_cfg = replace_cfg(cfg, steps=20, lr=1e-2)
+    run_cfg = train.with_defaults(replace_cfg(cfg, steps=20, lr=1e-2))
     adapter = train.make_adapter(run_cfg, model, task, task.tokenizer)
     train.train(run_cfg, model, adapter, task.train_examples(), task.eval_sets(), 0, "cpu", str(tmp_path))
     assert any(p.abs().sum() > 0 for _, p in adapter.named_parameters())  # the vector did train
