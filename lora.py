@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from model import atomic_write, hf_module_names, is_conv1d, read_safetensors
+from model import atomic_write, hf_module_names, is_conv1d, read_safetensors, write_json
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # what PeftModel puts before the HF module path
@@ -239,7 +239,7 @@ def save_lora(model, directory, base_model_name=None):
         state[f"{KEY_PREFIX}{names[path]}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp))
-    atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2)))
+    write_json(os.path.join(directory, CONFIG_NAME), config)
 
 
 def read_adapter_config(path):

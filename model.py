@@ -852,8 +852,7 @@ def save_model(model, directory):
         tensor = tensor.t() if is_conv1d(cfg, module) and param == "weight" else tensor
         state[f"{names[module]}.{param}"] = tensor.detach().float().contiguous().cpu()
     atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp))
-    atomic_write(os.path.join(directory, "config.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(hf_config_dict(cfg), indent=2)))
+    write_json(os.path.join(directory, "config.json"), hf_config_dict(cfg))
 
 
 def atomic_write(path, write):
@@ -865,3 +864,11 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import tasks
 import toy
-from model import CheckpointError, Transformer, atomic_write, load_model, save_model
+from model import CheckpointError, Transformer, atomic_write, load_model, save_model, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -386,15 +386,6 @@ def train(cfg, model, adapter, examples, eval_sets, pad_id, device, out):
 
 # -----------------------------------------------------------------------------
 # Outputs
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: open_write(tmp, json.dumps(obj, indent=2)))
-
-
-def open_write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def plot_curves(history, path, title):
