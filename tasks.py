@@ -12,7 +12,12 @@ Toy worlds for models trained from scratch live in toy.py (they have their own t
 the OOCR tasks of the literature for pretrained models live below. `get_task(name)` finds either.
 """
 
-from dataclasses import dataclass, field
+import itertools
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -158,12 +163,6 @@ def get_task(name, seed=0, **options):
 # Every task takes `opposite=True`: the same codenames with another latent value, the control
 # training set. Score a control model with the eval sets of the task *without* `opposite`.
 # Tasks write questions in words (Question); TextTask alone turns words into token ids.
-
-import itertools
-import json
-import math
-import os
-import random
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 LETTERS = "ABCDEFGH"
