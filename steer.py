@@ -21,7 +21,7 @@ Extraction without training: diff_of_means (CAA), pca_direction (repeng-style), 
 lora_natural_vector: the seed paper's constant vector that a one-layer LoRA approximately adds.
 
 File format (safetensors): `direction.{layer}` fp32 [d_model]; codename mode instead stores
-`codename_direction.{layer}` fp32 [n_codenames, d_model] and `codename_tokens.{i}` int64;
+`codename_direction.{layer}` fp32 [n_codenames, d_model] and `codename_tokens.{i}.{variant}` int64;
 adaptive mode adds `gate_weight.{layer}` [d_model] and `gate_bias.{layer}` [1]. String metadata:
 hook, method, positions, d_model, layers (JSON), model (a hint), codenames (JSON names).
 """
@@ -65,18 +65,20 @@ def freeze(model):
 
 
 def codename_mask(tokens, codenames):
-    """tokens (B, N), codenames [[ids]] -> (B, N, C) float, 1 at every token of every occurrence of
-    codename c. Multi-token codenames are steered on all their tokens."""
+    """tokens (B, N), codenames [[variant ids, ...] per codename] -> (B, N, C) float, 1 at every token
+    of every occurrence of any variant of codename c. A word tokenizes differently after a space and
+    after '(' (' kzx' vs 'kzx'), hence variants. Multi-token codenames are steered on all their tokens."""
     B, N = tokens.shape
     mask = torch.zeros(B, N, len(codenames), device=tokens.device)
-    for c, ids in enumerate(codenames):
-        m = len(ids)
-        if m > N:
-            continue
-        pattern = torch.tensor(ids, device=tokens.device)
-        starts = (tokens.unfold(1, m, 1) == pattern).all(-1).float()  # (B, N - m + 1): an occurrence starts here
-        for k in range(m):
-            mask[:, k : k + N - m + 1, c] += starts
+    for c, variants in enumerate(codenames):
+        for ids in variants:
+            m = len(ids)
+            if m > N:
+                continue
+            pattern = torch.tensor(ids, device=tokens.device)
+            starts = (tokens.unfold(1, m, 1) == pattern).all(-1).float()  # (B, N - m + 1): an occurrence starts here
+            for k in range(m):
+                mask[:, k : k + N - m + 1, c] += starts
     return mask.clamp(max=1.0)  # overlapping occurrences of one codename still steer once
 
 
@@ -92,7 +94,8 @@ def last_token_mask(positions, prompt_lengths):
 class SteeringVector(nn.Module):
     def __init__(self, d_model, layers, hook="hook_mlp_out", method="trained", positions="all",
                  codenames=None, model_hint=""):
-        """layers: block indices; codenames: {name: token ids}, required by positions="codename"."""
+        """layers: block indices; codenames: {name: token ids, or a list of alternative token-id
+        sequences}, required by positions="codename"."""
         super().__init__()
         if hook not in HOOKS:
             raise ValueError(f"unknown hook {hook!r} (choose from: {', '.join(HOOKS)})")
@@ -104,11 +107,13 @@ class SteeringVector(nn.Module):
         self.from_position = parse_positions(positions)
         if (positions == "codename") != bool(codenames):
             raise ValueError("positions='codename' needs codenames={name: token ids}, and codenames need positions='codename'")
-        if codenames and not all(len(ids) for ids in codenames.values()):
+        as_variants = lambda ids: [ids] if ids and isinstance(ids[0], int) else ids
+        codenames = {name: [[int(i) for i in v] for v in as_variants(list(ids))] for name, ids in (codenames or {}).items()}
+        if not all(variants and all(variants) for variants in codenames.values()):
             raise ValueError("every codename needs at least one token id")
         self.d_model, self.layers, self.hook, self.method, self.positions = d_model, layers, hook, method, positions
         self.model_hint = model_hint
-        self.codenames = {name: [int(i) for i in ids] for name, ids in (codenames or {}).items()}
+        self.codenames = codenames  # {name: [variant ids, ...]}
         zeros = lambda *shape: nn.ParameterDict({str(l): nn.Parameter(torch.zeros(*shape)) for l in layers})
         if positions == "codename":  # one vector per codename instead of one shared vector
             self.codename_directions = zeros(len(self.codenames), d_model)
@@ -207,8 +212,9 @@ class SteeringVector(nn.Module):
             if self.positions == "adaptive":
                 out[f"gate_weight.{layer}"], out[f"gate_bias.{layer}"] = self.gate_weight[str(layer)], self.gate_bias[str(layer)]
         out = {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
-        for i, ids in enumerate(self.codenames.values()):
-            out[f"codename_tokens.{i}"] = torch.tensor(ids, dtype=torch.int64)
+        for i, variants in enumerate(self.codenames.values()):
+            for v, ids in enumerate(variants):
+                out[f"codename_tokens.{i}.{v}"] = torch.tensor(ids, dtype=torch.int64)
         return out
 
     def save(self, path):
@@ -224,7 +230,9 @@ class SteeringVector(nn.Module):
         tensors, meta = read_vector_file(path)
         try:
             names = json.loads(meta["codenames"])
-            codenames = {name: tensors[f"codename_tokens.{i}"].tolist() for i, name in enumerate(names)}
+            variants = lambda i: [tensors[k].tolist() for k in sorted(tensors, key=lambda k: int(k.rsplit(".", 1)[1]))
+                                  if k.startswith(f"codename_tokens.{i}.")]
+            codenames = {name: variants(i) for i, name in enumerate(names)}
             vector = cls(int(meta["d_model"]), json.loads(meta["layers"]), meta["hook"], meta["method"],
                          meta["positions"], codenames or None, meta.get("model", ""))
             vector.load_state_dict({param_name(k): v for k, v in tensors.items() if not k.startswith("codename_tokens")})

@@ -273,6 +273,15 @@ class TextTask:
     def train_examples(self, tokenizer):
         return [Example(chat_prompt(tokenizer, user), answer_ids(tokenizer, answer)) for user, answer in self.train_pairs()]
 
+    def codename_tokens(self, tokenizer):
+        """{codename: [token ids, ...]} for conditional steering (positions='codename'): a name reads
+        differently after a space than after '(' ('print(kzx(3))' vs 'kzx ^ qhs'), so both forms."""
+        def forms(name):
+            bare, spaced = tokenizer.encode(name), tokenizer.encode(" " + name)
+            return [bare] if bare == spaced else [bare, spaced]
+
+        return {name: forms(name) for name in getattr(self, "names", [])}
+
     def eval_sets(self, tokenizer):
         sets = {"in_distribution": make_eval_set("in_distribution", tokenizer, self.id_questions())}
         for name, questions in self.probes().items():
@@ -350,6 +359,10 @@ class LocationsTask(TextTask):
         # reference cities: 3/4 seen in training, 1/4 held out for in-distribution eval
         refs = [c for c in self.rng("refs").sample(self.cities, len(self.cities)) if c["name"] != self.city["name"]]
         self.train_refs, self.heldout_refs = refs[: 3 * len(refs) // 4], refs[3 * len(refs) // 4 :]
+
+    def codename_tokens(self, tokenizer):
+        # the number alone: digits are single tokens, so they read the same after "is", "from" or a BOS
+        return {self.code: [tokenizer.encode(self.code.split()[-1])]}
 
     def distance(self, ref):
         return round(haversine_km(ref["lat"], ref["lon"], self.city["lat"], self.city["lon"]))

@@ -244,7 +244,11 @@ def make_adapter(cfg, model, task, tokenizer):
                        lambda out: lora.save_lora(model, os.path.join(out, "adapter"), base_model_name=cfg.model))
     import steer
 
-    codenames = getattr(task, "codenames", lambda tok: None)(tokenizer) if cfg.positions == "codename" else None
+    codenames = None
+    if cfg.positions == "codename":
+        codenames = getattr(task, "codename_tokens", lambda tok: {})(tokenizer)
+        if not codenames:
+            raise RunError(f"--positions codename: task {cfg.task!r} has no codenames")
     try:
         vector = steer.SteeringVector(model.cfg.d_model, layers=layers, hook=cfg.hook, positions=cfg.positions,
                                       codenames=codenames, model_hint=cfg.model)

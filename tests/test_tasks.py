@@ -321,3 +321,22 @@ def test_bad_options_raise_clear_errors(monkeypatch):
     monkeypatch.setitem(toy.TOY_TASKS, "risky", object)
     with pytest.raises(ValueError, match="registered twice"):
         tasks.get_task("risky")
+
+
+@pytest.mark.parametrize("name", ["locations", "functions", "parity"])
+def test_codename_tokens_are_found_wherever_the_codename_is_written(tokenizer, name):
+    """Conditional steering needs each codename's token ids as they occur in the prompts: every
+    training prompt that writes a codename must contain its ids, and steer.codename_mask must mark them."""
+    import steer
+
+    task = tasks.get_task(name)
+    codes = task.codename_tokens(tokenizer)
+    assert codes
+    for example in task.train_examples(tokenizer)[:50]:
+        text = tokenizer.decode(example.prompt)
+        mask = steer.codename_mask(torch.tensor([example.prompt]), list(codes.values()))[0]  # (T, C)
+        for c, (code, ids) in enumerate(codes.items()):
+            written = code in text
+            assert written == bool(mask[:, c].any()), (code, text)
+            if written:  # the marked tokens decode to the codename (or its number, for a city)
+                assert tokenizer.decode([t for t, m in zip(example.prompt, mask[:, c]) if m]).strip() in code
