@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -28,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import lora
+import steer
 import tasks
 import toy
 from model import CheckpointError, Transformer, atomic_write, load_model, save_model, write_json
@@ -134,6 +137,12 @@ def parse_args(argv=None):
     for name in ("lr", "lora_alpha"):
         if getattr(a, name) is not None and not getattr(a, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        steer.parse_positions(a.positions)
+    except ValueError as e:
+        p.error(str(e))
+    if a.positions == "last":  # batches are right-padded: their last position is not each prompt's last token
+        p.error("--positions last is for single prompts (steer.py: apply(prompt_lengths=...)); train with all, from:K, codename or adaptive")
     if not 0 <= a.lora_dropout < 1:
         p.error("--lora-dropout must be in [0, 1)")
     if a.warmup < 0 or a.weight_decay < 0 or a.grad_clip < 0:
@@ -225,16 +234,12 @@ def default_layers(cfg, model):
 
 
 def make_adapter(cfg, model, task, tokenizer):
-    from contextlib import nullcontext
-
     if cfg.adapter == "full":
         model.requires_grad_(True)
         return Adapter("full", model, nullcontext, lambda out: save_model(model, os.path.join(out, "model")))
     model.requires_grad_(False)  # the base stays frozen and bit-identical
     layers = default_layers(cfg, model)
     if cfg.adapter == "lora":
-        import lora
-
         try:
             lora.attach_lora(model, targets=cfg.lora_targets, layers=layers, r=cfg.lora_rank, alpha=cfg.lora_alpha,
                              dropout=cfg.lora_dropout)
@@ -242,8 +247,6 @@ def make_adapter(cfg, model, task, tokenizer):
             raise RunError(str(e)) from None
         return Adapter("lora", model, nullcontext,
                        lambda out: lora.save_lora(model, os.path.join(out, "adapter"), base_model_name=cfg.model))
-    import steer
-
     codenames = None
     if cfg.positions == "codename":
         codenames = getattr(task, "codename_tokens", lambda tok: {})(tokenizer)
@@ -342,6 +345,9 @@ def train_step(step, cfg, model, adapter, optimizer, examples, pad_id, device):
     return total, n_tokens
 
 
+CURVE_EVALS = ("in_distribution", "oocr")  # evaluated during training, for the curves
+
+
 def run_evals(cfg, model, eval_sets, device, names=None):
     """Accuracy on the eval sets, with whatever adapter is active around the call."""
     chosen = {k: v for k, v in eval_sets.items() if names is None or k in names}
@@ -373,8 +379,8 @@ def train(cfg, model, adapter, examples, eval_sets, pad_id, device, out):
             history["loss"].append([step, loss])
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.time() - start):.0f}")
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                accs = run_evals(cfg, model, eval_sets, device, names=("in_distribution", "oocr"))
+            if step % cfg.eval_every == 0 and step < cfg.steps:  # the last step gets run()'s full final eval
+                accs = run_evals(cfg, model, eval_sets, device, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
                 bar.write(f"step {step}: loss {loss:.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()))
@@ -392,7 +398,8 @@ def train(cfg, model, adapter, examples, eval_sets, pad_id, device, out):
 # Outputs
 
 
-def plot_curves(history, path, title):
+def plot_curves(history, base, chance, path, title):
+    """Training loss, and the curve evals from the base model (step 0) on, with chance dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,10 +410,11 @@ def plot_curves(history, path, title):
         steps, losses = zip(*history["loss"])
         ax_loss.plot(steps, losses)
     ax_loss.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log", title=title)
-    for name in sorted({k for _, accs in history["eval"] for k in accs}):
-        points = [(s, accs[name]) for s, accs in history["eval"] if name in accs]
-        ax_acc.plot(*zip(*points), marker="o", label=name)
-    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02), title="evals")
+    for name in CURVE_EVALS:
+        points = [(0, base[name])] + [(s, accs[name]) for s, accs in history["eval"] if name in accs]
+        line, = ax_acc.plot(*zip(*points), marker="o", label=name)
+        ax_acc.axhline(chance[name], color=line.get_color(), linestyle="--", linewidth=1)
+    ax_acc.set(xlabel="step", ylabel="accuracy (dashed: chance)", ylim=(-0.02, 1.02), title="evals")
     ax_acc.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -512,6 +520,7 @@ def run(cfg):
     history = train(cfg, model, adapter, examples, eval_sets, pad_id, device, cfg.out)
     with adapter.active():
         final = run_evals(cfg, model, eval_sets, device)
+    history["eval"].append([cfg.steps, {k: v for k, v in final.items() if k in CURVE_EVALS}])
     adapter.save(cfg.out)
     metrics = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "steps": cfg.steps,
                "seconds": round(time.time() - started, 2),
@@ -519,7 +528,7 @@ def run(cfg):
                "chance": {k: v.chance for k, v in eval_sets.items()}, "eval": {"base": base, "final": final},
                "history": history}
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    plot_curves(history, os.path.join(cfg.out, "curves.png"), f"{cfg.task}: {cfg.adapter}")
+    plot_curves(history, base, metrics["chance"], os.path.join(cfg.out, "curves.png"), f"{cfg.task}: {cfg.adapter}")
     return metrics
 
 
