@@ -51,7 +51,7 @@ class TrainConfig:
     lora_targets: list = field(default_factory=lambda: ["down_proj"])
     hook: str = "hook_mlp_out"
     positions: str = "all"
-    lr: float | None = None  # None: 1e-2 steer, 1e-3 lora, 3e-4 full (the task's own for pretraining)
+    lr: float | None = None  # None: steer 1e-2 (toy) / 1e-1 (real), lora 1e-3, full 3e-4; pretraining: the task's
     steps: int | None = None  # None: 200 on toy models, 100 on real ones
     batch_size: int | None = None  # None: 128 on toy models (full batch), 16 on real ones
     grad_accum: int = 1
@@ -491,9 +491,12 @@ def check_out_dir(cfg):
 
 
 def with_defaults(cfg):
-    """Fill what depends on the adapter and the model: small toy models train full-batch and longer."""
+    """Fill what depends on the adapter and the model: small toy models train full-batch and longer;
+    a real model's residual stream is ~10x larger, so its steering vector needs a larger lr (at 1e-2,
+    SmolLM2's vector had not learned the risky choices after 100 steps; at 1e-1 it reached 1.00)."""
     toy_model = cfg.task in toy.TOY_TASKS
-    return replace(cfg, lr=cfg.lr or {"steer": 1e-2, "lora": 1e-3, "full": 3e-4}[cfg.adapter],
+    steer_lr = 1e-2 if toy_model else 1e-1
+    return replace(cfg, lr=cfg.lr or {"steer": steer_lr, "lora": 1e-3, "full": 3e-4}[cfg.adapter],
                    steps=cfg.steps or (200 if toy_model else 100), batch_size=cfg.batch_size or (128 if toy_model else 16))
 
 
