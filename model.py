@@ -14,9 +14,8 @@ The one layer rule: "layer l" is the output of block l = blocks.{l}.hook_resid_p
 import json
 import math
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -52,11 +51,6 @@ class ModelConfig:
             raise ValueError(f"unknown arch {self.arch!r}: expected 'gpt2' or 'llama'")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self):
         return asdict(self)

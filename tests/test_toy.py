@@ -1,8 +1,6 @@
 """Tests for toy.py: determinism, no leakage between fine-tuning data and probes, labels against
 an independent re-derivation (parsing the token names), masks, chance levels and scoring."""
 
-import itertools
-import random
 
 import pytest
 import torch
