@@ -541,6 +541,8 @@ def main(argv=None):
         metrics = run(cfg)
     except (RunError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # outside the training loop (loading, evaluation) or a second Ctrl-C
+        sys.exit(f"interrupted; the last checkpoint (if any) is in {cfg.out}: resume with the same flags plus --resume")
     print_table(metrics)
     print(f"\nwrote {cfg.out}/: config.json metrics.json curves.png and the {cfg.adapter} adapter")
 
