@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -216,8 +217,8 @@ class Adapter:
     """The trainable part of a run. `holder` owns the trainable parameters (the steering vector, or
     the model for LoRA / full); `active()` is the context in which the forward pass sees them."""
 
-    def __init__(self, kind, holder, active, save):
-        self.kind, self.holder, self.active, self.save = kind, holder, active, save
+    def __init__(self, holder, active, save):
+        self.holder, self.active, self.save = holder, active, save
 
     def named_parameters(self):
         return [(n, p) for n, p in self.holder.named_parameters() if p.requires_grad]
@@ -236,7 +237,7 @@ def default_layers(cfg, model):
 def make_adapter(cfg, model, task, tokenizer):
     if cfg.adapter == "full":
         model.requires_grad_(True)
-        return Adapter("full", model, nullcontext, lambda out: save_model(model, os.path.join(out, "model")))
+        return Adapter(model, nullcontext, lambda out: save_model(model, os.path.join(out, "model")))
     model.requires_grad_(False)  # the base stays frozen and bit-identical
     layers = default_layers(cfg, model)
     if cfg.adapter == "lora":
@@ -245,7 +246,7 @@ def make_adapter(cfg, model, task, tokenizer):
                              dropout=cfg.lora_dropout)
         except ValueError as e:
             raise RunError(str(e)) from None
-        return Adapter("lora", model, nullcontext,
+        return Adapter(model, nullcontext,
                        lambda out: lora.save_lora(model, os.path.join(out, "adapter"), base_model_name=cfg.model))
     codenames = None
     if cfg.positions == "codename":
@@ -257,7 +258,7 @@ def make_adapter(cfg, model, task, tokenizer):
                                       codenames=codenames, model_hint=cfg.model)
     except ValueError as e:
         raise RunError(str(e)) from None
-    return Adapter("steer", vector, lambda: vector.apply(model),
+    return Adapter(vector, lambda: vector.apply(model),
                    lambda out: vector.save(os.path.join(out, "steering_vector.safetensors")))
 
 
@@ -285,12 +286,11 @@ def load_checkpoint(path, adapter, optimizer):
     with torch.no_grad():
         for n, p in adapter.named_parameters():
             p.copy_(tensors[f"param.{n}"].to(p.dtype))
-    state = optimizer.state_dict()
-    for i, p in enumerate(state["param_groups"][0]["params"]):
+    state = optimizer.state_dict()  # its state is keyed by parameter index, as in save_checkpoint
+    for i, (_, param) in enumerate(adapter.named_parameters()):
         keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
         if keys:
-            param = [q for _, q in adapter.named_parameters()][i]
-            state["state"][p] = {k.rsplit(".", 1)[1]: tensors[k].reshape(() if k.endswith(".step") else param.shape) for k in keys}
+            state["state"][i] = {k.rsplit(".", 1)[1]: tensors[k].reshape(() if k.endswith(".step") else param.shape) for k in keys}
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), json.loads(meta["history"])
@@ -308,8 +308,6 @@ class StopRequest:
         self.requested = False
 
     def __enter__(self):
-        import signal
-
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
@@ -319,8 +317,6 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         signal.signal(signal.SIGINT, self.previous)
 
 
@@ -484,7 +480,7 @@ def check_out_dir(cfg):
         raise RunError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
     with open(config_path) as f:
         previous = json.load(f)
-    mine = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "resume"}
+    mine = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples become lists)
     differing = sorted(k for k in mine if k != "resume" and previous.get(k) != mine[k])
     if differing:
         raise RunError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
