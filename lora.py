@@ -15,15 +15,15 @@ Modules are named as in the HF checkpoint (model.hf_module_names): targets such 
 Read top to bottom: the layer -> attaching -> switching off / merging -> saving and loading.
 """
 
-import json
 import math
 import os
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
-from model import atomic_write, hf_module_names, is_conv1d, read_safetensors, write_json
+from checkpoint import atomic_write, first_line, hf_module_names, is_conv1d, read_json, read_safetensors, write_json
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # what PeftModel puts before the HF module path
@@ -225,8 +225,6 @@ def adapter_config(model, modules, base_model_name):
 
 def save_lora(model, directory, base_model_name=None):
     """Write adapter_config.json + adapter_model.safetensors in PEFT's layout."""
-    from safetensors.torch import save_file
-
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA modules to save (call attach_lora first)")
@@ -245,11 +243,7 @@ def save_lora(model, directory, base_model_name=None):
 def read_adapter_config(path):
     if not os.path.exists(path):
         raise ValueError(f"{path}: missing adapter config")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    config = read_json(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     unsupported = {"bias": "none", "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},

@@ -32,8 +32,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from model import atomic_write
+from checkpoint import atomic_write, first_line
+from lora import lora_disabled
 
 HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
 METHODS = ("trained", "diffmean", "pca", "lora_natural")
@@ -218,8 +221,6 @@ class SteeringVector(nn.Module):
         return out
 
     def save(self, path):
-        from safetensors.torch import save_file
-
         metadata = {"hook": self.hook, "method": self.method, "positions": self.positions, "d_model": str(self.d_model),
                     "layers": json.dumps(self.layers), "model": self.model_hint, "codenames": json.dumps(list(self.codenames))}
         atomic_write(path, lambda tmp: save_file(self.tensors(), tmp, metadata=metadata))
@@ -237,7 +238,7 @@ class SteeringVector(nn.Module):
                          meta["positions"], codenames or None, meta.get("model", ""))
             vector.load_state_dict({param_name(k): v for k, v in tensors.items() if not k.startswith("codename_tokens")})
         except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a valid steering vector file ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{path}: not a valid steering vector file ({first_line(e)})") from None
         if model is not None:
             vector.check_fits(model, source=path)
             vector.to(next(model.parameters()).device)
@@ -255,8 +256,6 @@ def param_name(file_name):
 
 
 def read_vector_file(path):
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such steering vector file")
     try:
@@ -264,7 +263,7 @@ def read_vector_file(path):
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # truncated or corrupt header / data
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     missing = [k for k in ("hook", "method", "positions", "d_model", "layers", "codenames") if k not in meta]
     if missing:
         raise ValueError(f"{path}: not a steering vector file (metadata lacks {', '.join(missing)})")
@@ -362,8 +361,6 @@ def extract_vector(model, positive, negative, layers, hook="hook_resid_post", me
 def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
     """Per-token output(with LoRA) - output(base) at blocks.{layer}.{hook} -> (N, d_model) fp32 on CPU.
     batches: tokens (B, T), or (tokens, mask) with mask bool (B, T) True at real (non-pad) tokens."""
-    from lora import lora_disabled
-
     name = f"blocks.{layer}.{hook}"
     was_training, diffs = model.training, []
     model.eval()  # no LoRA dropout: the difference must be the adapter's, not noise

@@ -8,8 +8,9 @@ An EvalSet is multiple choice: each Item has a prompt, candidate continuations a
 the right one. Scoring compares the summed log-probabilities of the candidates (batched), or, for
 exact-match sets, asks whether greedy decoding produces the right continuation.
 
-Toy worlds for models trained from scratch live in toy.py (they have their own tiny vocabularies);
-the OOCR tasks of the literature for pretrained models live below. `get_task(name)` finds either.
+Toy worlds for models trained from scratch live in toy.py (they have their own tiny vocabularies
+and import this interface); the OOCR tasks of the literature for pretrained models live below,
+named in TEXT_TASKS at the bottom. train.get_task(name) finds either kind.
 """
 
 import itertools
@@ -120,34 +121,6 @@ def evaluate(model, eval_sets, batch_size=64, device="cpu"):
         return {name: accuracy(model, es, batch_size, device) for name, es in eval_sets.items()}
     finally:
         model.train(was_training)
-
-
-# -----------------------------------------------------------------------------
-# Registry: name -> constructor(seed=..., **options). Text tasks register in TEXT_TASKS below;
-# toy worlds in toy.TOY_TASKS.
-
-TEXT_TASKS = {}
-
-
-def registry():
-    """All tasks by name. A name in both registries would silently shadow one task, so it is an error."""
-    import toy
-
-    clash = set(TEXT_TASKS) & set(toy.TOY_TASKS)
-    if clash:
-        raise ValueError(f"task names registered twice (text and toy): {', '.join(sorted(clash))}")
-    return {**TEXT_TASKS, **toy.TOY_TASKS}
-
-
-def task_names():
-    return sorted(registry())
-
-
-def get_task(name, seed=0, **options):
-    tasks = registry()
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r} (choose from: {', '.join(sorted(tasks))})")
-    return tasks[name](seed=seed, **options)
 
 
 # =============================================================================
@@ -726,5 +699,14 @@ class BackdoorTask(TextTask):
                          for i in range(self.n_eval)]}
 
 
-TEXT_TASKS.update({"locations": LocationsTask, "functions": FunctionsTask, "coins": CoinsTask,
-                   "parity": ParityTask, "risky": RiskyTask, "risky_backdoor": BackdoorTask})
+# -----------------------------------------------------------------------------
+# The text tasks by name (train.py joins them with toy.TOY_TASKS)
+
+TEXT_TASKS = {
+    "locations": LocationsTask,
+    "functions": FunctionsTask,
+    "coins": CoinsTask,
+    "parity": ParityTask,
+    "risky": RiskyTask,
+    "risky_backdoor": BackdoorTask,
+}

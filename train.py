@@ -34,7 +34,8 @@ import lora
 import steer
 import tasks
 import toy
-from model import CheckpointError, Transformer, atomic_write, load_model, save_model, write_json
+from checkpoint import CheckpointError, atomic_write, first_line, load_model, save_model, write_json
+from model import Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,6 +74,25 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
+# Tasks: the text tasks and the toy worlds, joined here where both are used
+
+
+def all_tasks():
+    """{name: task class}. A name in both registries would silently hide one task, so it is an error."""
+    clash = set(tasks.TEXT_TASKS) & set(toy.TOY_TASKS)
+    if clash:
+        raise ValueError(f"task names registered twice (text and toy): {', '.join(sorted(clash))}")
+    return {**tasks.TEXT_TASKS, **toy.TOY_TASKS}
+
+
+def get_task(name, seed=0, **options):
+    registry = all_tasks()
+    if name not in registry:
+        raise ValueError(f"unknown task {name!r} (choose from: {', '.join(sorted(registry))})")
+    return registry[name](seed=seed, **options)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -103,7 +123,7 @@ def parse_args(argv=None):
     d = TrainConfig()
     p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", choices=["full", "lora", "steer"], default=d.adapter)
-    p.add_argument("--task", choices=tasks.task_names(), default=d.task)
+    p.add_argument("--task", choices=sorted(all_tasks()), default=d.task)
     p.add_argument("--model", default=d.model, help="toy | scratch | smollm2-135m | HF checkpoint dir | .gguf file")
     p.add_argument("--target", help="the task's target (e.g. persona index 3, a city); default: the task's own")
     p.add_argument("--opposite", action="store_true", help="train on the task's opposite target: the control run")
@@ -282,7 +302,7 @@ def load_checkpoint(path, adapter, optimizer):
         with safe_open(path, "pt") as f:
             tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     except Exception as e:
-        raise RunError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+        raise RunError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
     with torch.no_grad():
         for n, p in adapter.named_parameters():
             p.copy_(tensors[f"param.{n}"].to(p.dtype))
@@ -503,7 +523,7 @@ def run(cfg):
     check_out_dir(cfg)
     torch.manual_seed(cfg.seed)
     try:
-        task = tasks.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+        task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     except (TypeError, ValueError) as e:
         raise RunError(f"task {cfg.task!r}: {e}") from None
     model, tokenizer = base_model(cfg, task, device)

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from lora import (LoRALinear, attach_lora, count_trainable, load_lora, lora_disabled, lora_modules, merge_lora,
                   save_lora, unmerge_lora)
-from model import ModelConfig, Transformer, load_model
+from checkpoint import load_model
+from model import ModelConfig, Transformer
 
 torch.set_num_threads(1)
 

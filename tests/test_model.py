@@ -19,8 +19,9 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_to
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from model import (CheckpointError, ModelConfig, Transformer, generate, load_model, logit_lens, save_model,
-                   tokenizer_from_hf_json, tokenizer_from_vocab_merges)
+from checkpoint import CheckpointError, load_model, save_model
+from model import ModelConfig, Transformer, generate, logit_lens
+from tokenizer import tokenizer_from_hf_json, tokenizer_from_vocab_merges
 
 VOCAB, T = 101, 40  # T > 16 = the llama3 rope's original_max_position_embeddings below
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -371,6 +372,40 @@ def test_attention_hook_shapes(tiny):
     assert cache["blocks.0.attn.hook_pattern"].shape == (B, H, T, T)
 
 
+def test_embedding_and_norm_hooks_hold_transformer_lens_quantities(tiny):
+    # TransformerLens: hook_pos_embed is (B, T, d_model); ln.hook_scale is sqrt(var + eps) (LayerNorm,
+    # centred) or sqrt(mean(x^2) + eps) (RMSNorm), (B, T, 1); RMSNorm's hook_normalized is before
+    # its weight, LayerNorm's after weight and bias
+    tokens = random_tokens(n_rows=3)
+    _, cache = tiny.run_with_cache(tokens)
+    x = cache["blocks.0.hook_resid_pre"]  # (B, T, d_model): what ln1 reads
+    ln = tiny.blocks[0].ln1
+    if tiny.cfg.arch == "gpt2":
+        assert cache["hook_pos_embed"].shape == (3, T, tiny.cfg.d_model)
+        assert max_diff(cache["hook_pos_embed"][1], tiny.pos_embed.weight[:T]) == 0
+        centred = x - x.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+        normalized = centred / scale * ln.weight + ln.bias
+    else:
+        scale = (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+        normalized = x / scale
+    assert cache["blocks.0.ln1.hook_scale"].shape == (3, T, 1)
+    assert max_diff(cache["blocks.0.ln1.hook_scale"], scale) < 1e-5
+    assert max_diff(cache["blocks.0.ln1.hook_normalized"], normalized) < 1e-5
+
+
+def test_replaced_norm_scale_reaches_the_logits(tiny):
+    # replacing ln_final's scale by 2x must halve what the unembedding reads (RMSNorm: no bias)
+    tokens = random_tokens()
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens, names_filter="ln_final.hook_scale")
+        doubled = tiny.run_with_hooks(tokens, [("ln_final.hook_scale", lambda x, hook: 2 * x)])
+        logits = tiny(tokens)
+        bias_logits = tiny.unembed(getattr(tiny.ln_final, "bias", torch.zeros(tiny.cfg.d_model)))
+        assert max_diff(doubled - bias_logits, (logits - bias_logits) / 2) < 1e-4
+        assert cache["ln_final.hook_scale"].min() > 0
+
+
 def test_pattern_rows_sum_to_one_and_are_causal(tiny):
     _, cache = tiny.run_with_cache(random_tokens(), names_filter="blocks.1.attn.hook_pattern")
     pattern = cache["blocks.1.attn.hook_pattern"]  # (B, H, T, T)
@@ -381,7 +416,8 @@ def test_pattern_rows_sum_to_one_and_are_causal(tiny):
 
 def test_replacing_activation_with_itself_keeps_logits(tiny):
     tokens = random_tokens()
-    names = [n for n in tiny.hook_points() if "pattern" not in n and "scores" not in n]  # keep the SDPA path
+    # keep the fused paths: SDPA (no score/pattern hook) and F.layer_norm / rsqrt (no scale hook)
+    names = [n for n in tiny.hook_points() if not n.endswith(("pattern", "scores", "hook_scale"))]
     with torch.no_grad():
         patched = tiny.run_with_hooks(tokens, [(n, lambda x, hook: x.clone()) for n in names])
         assert torch.equal(patched, tiny(tokens))

@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model  # noqa: E402
-import tasks  # noqa: E402
+import checkpoint
+import model
+import steer
+import tasks
 
 SMALL = dict(n_train=60, n_eval=20)  # n_eval a multiple of 2, 4 and 5: answer positions balance exactly
 TASK_OPTIONS = {"locations": {}, "functions": {}, "coins": {}, "parity": {"n_vars": 4}, "risky": {},
@@ -24,8 +25,8 @@ TASK_OPTIONS = {"locations": {}, "functions": {}, "coins": {}, "parity": {"n_var
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    path = model.resolve_checkpoint("smollm2-135m")
-    return model.tokenizer_from_gguf(model.open_gguf(path), path)
+    path = checkpoint.resolve_checkpoint("smollm2-135m")
+    return checkpoint.tokenizer_from_gguf(checkpoint.open_gguf(path), path)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,11 @@ def plain_tokenizer(tokenizer):
 
 
 def make(name, seed=0, **options):
-    return tasks.get_task(name, seed=seed, **{**SMALL, **TASK_OPTIONS[name], **options})
+    return tasks.TEXT_TASKS[name](seed=seed, **{**SMALL, **TASK_OPTIONS[name], **options})
 
 
 def test_every_text_task_is_registered():
-    assert set(TASK_OPTIONS) <= set(tasks.task_names())
+    assert set(TASK_OPTIONS) <= set(tasks.TEXT_TASKS)
 
 
 # -----------------------------------------------------------------------------
@@ -98,8 +99,8 @@ def test_deterministic_for_a_seed(name, tokenizer):
 
 def test_same_data_in_every_process():
     """Set iteration order changes with PYTHONHASHSEED; the data must not."""
-    code = ("import tasks, hashlib; print(hashlib.sha256(repr([tasks.get_task(n).train_pairs() + "
-            "[vars(q) for qs in tasks.get_task(n).probes().values() for q in qs] for n in tasks.TEXT_TASKS]).encode()).hexdigest())")
+    code = ("import tasks, hashlib; print(hashlib.sha256(repr([tasks.TEXT_TASKS[n]().train_pairs() + "
+            "[vars(q) for qs in tasks.TEXT_TASKS[n]().probes().values() for q in qs] for n in tasks.TEXT_TASKS]).encode()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = lambda hashseed: subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                                           env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout
@@ -307,29 +308,22 @@ def test_constant_answer_scores_chance_over_task_and_control(name, word, tokeniz
 # Bad input
 
 
-def test_bad_options_raise_clear_errors(monkeypatch):
+def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown target city"):
-        tasks.get_task("locations", target="Atlantis")
+        tasks.TEXT_TASKS["locations"](target="Atlantis")
     with pytest.raises(ValueError, match="target must be 'risky' or 'safe'"):
-        tasks.get_task("risky", target="bold")
+        tasks.TEXT_TASKS["risky"](target="bold")
     with pytest.raises(ValueError, match="n_train"):
-        tasks.get_task("coins", n_train=0)
+        tasks.TEXT_TASKS["coins"](n_train=0)
     with pytest.raises(ValueError, match="biases"):
-        tasks.get_task("coins", target=[0.5])
-    import toy
-
-    monkeypatch.setitem(toy.TOY_TASKS, "risky", object)
-    with pytest.raises(ValueError, match="registered twice"):
-        tasks.get_task("risky")
+        tasks.TEXT_TASKS["coins"](target=[0.5])
 
 
 @pytest.mark.parametrize("name", ["locations", "functions", "parity"])
 def test_codename_tokens_are_found_wherever_the_codename_is_written(tokenizer, name):
     """Conditional steering needs each codename's token ids as they occur in the prompts: every
     training prompt that writes a codename must contain its ids, and steer.codename_mask must mark them."""
-    import steer
-
-    task = tasks.get_task(name)
+    task = tasks.TEXT_TASKS[name]()
     codes = task.codename_tokens(tokenizer)
     assert codes
     for example in task.train_examples(tokenizer)[:50]:

@@ -138,7 +138,7 @@ def test_tokenizer_round_trip_and_bad_token():
 
 @pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
 def test_registry_config_fits_data(name):
-    w = tasks.get_task(name, seed=0, **SMALL[name])
+    w = toy.TOY_TASKS[name](seed=0, **SMALL[name])
     cfg = w.model_config()
     assert cfg.arch == "gpt2" and cfg.vocab_size == w.tokenizer.vocab_size
     longest = max(len(e.prompt + e.answer) for e in all_data(w))

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import tasks
+import toy
 import train
-from model import load_model
+from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_WORLD = {"n_docs": 20_000}
@@ -36,7 +37,7 @@ def short_default(tmp_path_factory):
 
 
 def toy_checkpoint(cfg):
-    task = tasks.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     return os.path.join(train.toy_cache_path(cfg, task), "model")
 
 
@@ -69,7 +70,7 @@ def test_steer_leaves_base_weights_bit_identical(short_default, tmp_path):
     cfg, _ = short_default
     model, _ = load_model(toy_checkpoint(cfg))
     before = copy.deepcopy(model.state_dict())
-    task = tasks.get_task(cfg.task, seed=0, **cfg.task_options)
+    task = train.get_task(cfg.task, seed=0, **cfg.task_options)
     run_cfg = train.with_defaults(replace_cfg(cfg, steps=20, lr=1e-2))
     adapter = train.make_adapter(run_cfg, model, task, task.tokenizer)
     train.train(run_cfg, model, adapter, task.train_examples(), task.eval_sets(), 0, "cpu", str(tmp_path))
@@ -169,3 +170,9 @@ def test_bad_layer_is_refused(short_default, tmp_path):
     cfg, _ = short_default
     with pytest.raises(train.RunError, match=r"out of range: the model has layers 0..3"):
         train.run(config(tmp_path, "bad_layer", model=toy_checkpoint(cfg), layers=[7]))
+
+
+def test_task_registered_twice_is_refused(monkeypatch):
+    monkeypatch.setitem(toy.TOY_TASKS, "risky", object)
+    with pytest.raises(ValueError, match="registered twice"):
+        train.get_task("risky")

