@@ -51,19 +51,25 @@ class EvalSet:
 # Batching
 
 
+def right_pad(seqs, value):
+    """[[ids]] -> (B, T) long tensor, each row `value` after its sequence. Batches are padded on
+    the right so that causal attention never lets padding influence a real position."""
+    padded = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return padded
+
+
 def collate(examples, pad_id=0):
     """[Example] -> tokens (B, T), targets (B, T): targets[t] is the token after position t where
-    that token belongs to the answer, IGNORE elsewhere. Right-padded, so causal attention never
-    lets padding influence real positions."""
-    seqs = [e.prompt + e.answer for e in examples]
-    T = max(len(s) for s in seqs) - 1
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    for i, (e, s) in enumerate(zip(examples, seqs)):
-        tokens[i, : len(s) - 1] = torch.tensor(s[:-1])
-        first = max(len(e.prompt) - 1, 0)  # position whose next token is the first answer token
-        targets[i, first : len(s) - 1] = torch.tensor(s[first + 1 :])
-    return tokens, targets
+    that token belongs to the answer, IGNORE elsewhere."""
+    inputs, targets = [], []
+    for e in examples:
+        seq = e.prompt + e.answer
+        first = max(len(e.prompt) - 1, 0)  # the position whose next token is the first answer token
+        inputs.append(seq[:-1])
+        targets.append([IGNORE] * first + seq[first + 1 :])
+    return right_pad(inputs, pad_id), right_pad(targets, IGNORE)
 
 
 def answer_loss(logits, targets):
