@@ -1,18 +1,25 @@
-"""train.py end to end, on a shortened persona world (20k documents, 300 pretraining steps).
+"""train.py end to end through run() / main() and the files a run writes, on a shortened persona
+world (20k documents, 300 pretraining steps).
 
-References: the OOCR gain is judged against chance and the base model; "base untouched" against a
-copy of the weights taken before training; resume against an uninterrupted run."""
+References: the OOCR gain is judged against chance and the base model; "base untouched" by the
+base model reloaded from disk plus the saved adapter reproducing the run's numbers; resume against
+an uninterrupted run; flag errors and --help against the text a user reads."""
 
-import copy
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+import lora
+import steer
 import tasks
 import toy
 import train
@@ -23,8 +30,15 @@ SHORT_WORLD = {"n_docs": 20_000}
 
 
 def config(tmp_path, name, **overrides):
-    base = dict(task_options=dict(SHORT_WORLD), pretrain_steps=300, cache_dir=str(tmp_path.parent / "toy_cache"),
-                out=str(tmp_path / name), steps=60, eval_every=30, checkpoint_every=20)
+    base = dict(
+        task_options=dict(SHORT_WORLD),
+        pretrain_steps=300,
+        cache_dir=str(tmp_path.parent / "toy_cache"),
+        out=str(tmp_path / name),
+        steps=60,
+        eval_every=30,
+        checkpoint_every=20,
+    )
     return train.TrainConfig(**{**base, **overrides})
 
 
@@ -37,8 +51,14 @@ def short_default(tmp_path_factory):
 
 
 def toy_checkpoint(cfg):
-    task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
-    return os.path.join(train.toy_cache_path(cfg, task), "model")
+    """The pretrained model that the default run wrote into its cache dir."""
+    (path,) = glob.glob(os.path.join(cfg.cache_dir, f"{cfg.task}-seed{cfg.seed}-*", "model"))
+    return path
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def test_default_steer_run_shows_oocr(short_default):
@@ -52,76 +72,82 @@ def test_default_steer_run_shows_oocr(short_default):
 
 def test_metrics_json_schema(short_default):
     cfg, _ = short_default
-    with open(os.path.join(cfg.out, "metrics.json")) as f:
-        m = json.load(f)
+    m = read_json(os.path.join(cfg.out, "metrics.json"))
     assert isinstance(m["task"], str) and isinstance(m["model"], str) and m["adapter"] == "steer"
     assert isinstance(m["steps"], int) and isinstance(m["seconds"], float) and m["trainable_params"] == 64
     for section in (m["chance"], m["eval"]["base"], m["eval"]["final"]):
-        assert {"in_distribution", "oocr"} <= set(section) and all(isinstance(v, float) for v in section.values())
+        assert {"in_distribution", "oocr"} <= set(section)
+        assert all(isinstance(v, float) for v in section.values())
     for name in ("config.json", "steering_vector.safetensors", "curves.png", "checkpoint.safetensors"):
         assert os.path.getsize(os.path.join(cfg.out, name)) > 0
     with open(os.path.join(cfg.out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with open(os.path.join(cfg.out, "config.json")) as f:
-        assert json.load(f)["steps"] == cfg.steps
+    assert read_json(os.path.join(cfg.out, "config.json"))["steps"] == cfg.steps
 
 
-def test_steer_leaves_base_weights_bit_identical(short_default, tmp_path):
-    cfg, _ = short_default
+def evaluate_files(cfg, model):
+    """Accuracies of `model` (the base reloaded from disk, with the run's adapter) on the run's
+    eval sets, as run() computes them."""
+    task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    return tasks.evaluate(model, task.eval_sets(task.tokenizer), batch_size=cfg.eval_batch_size)
+
+
+def test_steer_leaves_base_weights_untouched(short_default):
+    # the base reloaded from disk plus the saved vector reproduce the run's final numbers: had
+    # training changed the base weights in memory, the trained vector would not fit the file's base
+    cfg, metrics = short_default
     model, _ = load_model(toy_checkpoint(cfg))
-    before = copy.deepcopy(model.state_dict())
-    task = train.get_task(cfg.task, seed=0, **cfg.task_options)
-    run_cfg = train.with_defaults(replace_cfg(cfg, steps=20, lr=1e-2))
-    adapter = train.make_adapter(run_cfg, model, task, task.tokenizer)
-    train.train(run_cfg, model, adapter, task.train_examples(), task.eval_sets(), 0, "cpu", str(tmp_path))
-    assert any(p.abs().sum() > 0 for _, p in adapter.named_parameters())  # the vector did train
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    vector = steer.SteeringVector.load(os.path.join(cfg.out, "steering_vector.safetensors"), model)
+    assert any(p.abs().sum() > 0 for p in vector.parameters())  # the vector did train
+    with torch.no_grad(), vector.apply(model):
+        assert evaluate_files(cfg, model) == metrics["eval"]["final"]
+    assert evaluate_files(cfg, model) == metrics["eval"]["base"]  # hooks gone: the base again
 
 
-def replace_cfg(cfg, **kw):
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
+def load_run_model(cfg, adapter):
+    """The model a finished run describes, rebuilt from its files."""
+    if adapter == "full":
+        return load_model(os.path.join(cfg.out, "model"))[0]
+    model, _ = load_model(toy_checkpoint(cfg))
+    lora.load_lora(model, os.path.join(cfg.out, "adapter"))
+    return model
 
 
 @pytest.mark.parametrize("adapter", ["full", "lora", "steer"])
 def test_every_adapter_lowers_training_loss(short_default, tmp_path, adapter):
     cfg, _ = short_default
-    m = train.run(config(tmp_path, adapter, adapter=adapter, model=toy_checkpoint(cfg), steps=40, layers=[1]))
+    run_cfg = config(tmp_path, adapter, adapter=adapter, model=toy_checkpoint(cfg), steps=40, layers=[1])
+    m = train.run(run_cfg)
     losses = [loss for _, loss in m["history"]["loss"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
-    assert m["trainable_params"] == {"full": sum(p.numel() for p in load_model(toy_checkpoint(cfg))[0].parameters()),
-                                     "lora": 4 * (256 + 64), "steer": 64}[adapter]
+    n_base = sum(p.numel() for p in load_model(toy_checkpoint(cfg))[0].parameters())
+    assert m["trainable_params"] == {"full": n_base, "lora": 4 * (256 + 64), "steer": 64}[adapter]
+    if adapter != "steer":  # the saved weights reproduce the run's numbers (steer: test above)
+        with torch.no_grad():
+            assert evaluate_files(run_cfg, load_run_model(run_cfg, adapter)) == m["eval"]["final"]
 
 
-def interrupt_at(step_to_stop, monkeypatch):
-    """Send ourselves Ctrl-C while `step_to_stop` runs, as a user would."""
-    real_step = train.train_step
+def interrupt_at(step_to_stop):
+    """An on_step callback that sends us Ctrl-C after `step_to_stop` steps, as a user would."""
 
-    def step(step, *args):
+    def on_step(step, loss):
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_step(step, *args)
 
-    monkeypatch.setattr(train, "train_step", step)
+    return on_step
 
 
-def test_resume_equals_uninterrupted(short_default, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(short_default, tmp_path):
     cfg, _ = short_default
     # dropout and a cosine schedule with warmup: RNG state and step count must both survive the restart
     common = dict(adapter="lora", model=toy_checkpoint(cfg), steps=30, layers=[1, 2], lora_dropout=0.1,
                   schedule="cosine", warmup=5, batch_size=32, checkpoint_every=100)
     whole = train.run(config(tmp_path, "whole", **common))
-    interrupt_at(12, monkeypatch)
     with pytest.raises(train.RunError, match="interrupted at step 13; checkpoint saved"):
-        train.run(config(tmp_path, "split", **common))
-    monkeypatch.undo()
+        train.run(config(tmp_path, "split", **common), on_step=interrupt_at(13))
     resumed = train.run(config(tmp_path, "split", resume=True, **common))
     assert resumed["history"]["loss"] == whole["history"]["loss"]
     assert resumed["eval"]["final"] == whole["eval"]["final"]
-    from safetensors.torch import load_file
-
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -129,18 +155,19 @@ def test_resume_equals_uninterrupted(short_default, tmp_path, monkeypatch):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(short_default, tmp_path):
     cfg, _ = short_default
-    run_cfg = config(tmp_path, "nan", model=toy_checkpoint(cfg), lr=1e30, steps=20, checkpoint_every=1, grad_clip=0.0)
-    with pytest.raises(train.RunError, match=r"loss became (nan|inf) at step \d+; stopped. Last good checkpoint: .*\(step \d+\)"):
+    run_cfg = config(tmp_path, "nan", model=toy_checkpoint(cfg), lr=1e30, steps=20, checkpoint_every=1,
+                     grad_clip=0.0)
+    message = r"loss became (nan|inf) at step \d+; stopped. Last good checkpoint: .*\(step \d+\)"
+    with pytest.raises(train.RunError, match=message):
         train.run(run_cfg)
-    from safetensors import safe_open
-
     with safe_open(os.path.join(run_cfg.out, "checkpoint.safetensors"), "pt") as f:
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("param."))
 
 
 def cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -148,6 +175,8 @@ def cli(*args, cwd):
     (["--steps", "0"], "must be a positive integer"),
     (["--layers", "1,x"], "expected comma-separated layer numbers"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--positions", "last"], "--positions last is for single prompts"),
     (["--model", "no/such/dir", "--task", "risky"], "error: no/such/dir: no such file or directory"),
     (["--model", "scratch", "--task", "risky"], "error: --model scratch needs a toy task"),
     (["--resume", "--out", "nothing_here"], "error: --resume: nothing_here holds no run to resume"),
@@ -158,12 +187,33 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_out_dir_holding_another_run_is_refused(short_default, tmp_path):
+def test_help_shows_every_default(tmp_path):
+    result = cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "--seed SEED seed of the task's data, the data order and the adapter's init (default: 0)" in text
+    assert "--lora-targets LORA_TARGETS comma-separated module names, e.g. down_proj,q_proj (default: down_proj)" in text
+    assert "(default: steer 1e-2 on toy models and 1e-1 on real ones" in text  # the lr rule
+    assert "--layers LAYERS, --layer LAYERS" in text
+    for action in train.build_parser()._actions:  # every flag's help ends with its default
+        assert action.dest == "help" or "(default: " in action.help, action.dest
+
+
+def test_flags_set_config_fields_and_unset_flags_keep_defaults():
+    cfg = train.parse_args(["--grad-clip", "0", "--layer", "2", "--lora-targets", "q_proj,v_proj",
+                            "--target", "3", "--opposite"])
+    assert cfg.grad_clip == 0.0 and cfg.layers == [2] and cfg.lora_targets == ["q_proj", "v_proj"]
+    assert cfg.task_options == {"target": 3, "opposite": True}
+    defaults = train.parse_args([])
+    assert defaults == train.TrainConfig()  # every flag's default is the dataclass field's
+
+
+def test_out_dir_holding_another_run_is_refused(short_default):
     cfg, _ = short_default
     with pytest.raises(train.RunError, match="already holds a run"):
-        train.run(replace_cfg(cfg, steps=10))
+        train.run(replace(cfg, steps=10))
     with pytest.raises(train.RunError, match=r"was run with other settings \(steps\)"):
-        train.run(replace_cfg(cfg, steps=10, resume=True))
+        train.run(replace(cfg, steps=10, resume=True))
 
 
 def test_bad_layer_is_refused(short_default, tmp_path):
