@@ -3,13 +3,13 @@ Steering vectors: a d_model vector per layer, added to the residual stream (or t
 through hook points, so model.py never changes and the base weights are never touched.
 
     vector = SteeringVector(d_model, layers=[6], hook="hook_mlp_out", positions="all")
-    freeze(model)                                   # base weights: no gradients
+    model.requires_grad_(False)                     # base weights: no gradients
     opt = torch.optim.Adam(vector.parameters(), lr=1e-2)
     with vector.apply(model, coeff=1.0):
         loss = answer_loss(model(tokens), targets)  # gradients reach only the vector
 
-Where the vector is added (`positions`):
-    "all"       every position (the seed paper's trained and "natural" vectors)
+Where the vector is added (`positions`), each mode one class below:
+    "all"       every position: the seed paper's trained and "natural" vectors, the simple case
     "from:K"    absolute positions >= K (e.g. skip a system prompt)
     "last"      only the last prompt token (prompt lengths from apply(), else the input's last position)
     "codename"  conditional steering: one vector per codename, added only at the tokens where that
@@ -35,6 +35,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import tasks
 from checkpoint import atomic_write, first_line
 from lora import lora_disabled
 
@@ -46,7 +47,7 @@ POSITION_MODES = ("all", "from:K", "last", "codename", "adaptive")
 def parse_positions(positions):
     """'from:K' -> K; the other modes -> None. Bad modes are a one-line error."""
     if positions.startswith("from:"):
-        k = positions[len("from:"):]
+        k = positions[len("from:") :]
         if not k.isdigit():
             raise ValueError(f"positions {positions!r}: K in 'from:K' must be a non-negative integer")
         return int(k)
@@ -55,16 +56,8 @@ def parse_positions(positions):
     return None
 
 
-def freeze(model):
-    """Turn off gradients of every base parameter: training a vector then neither computes nor
-    stores gradients for the (much larger) model. The optimizer should get vector.parameters() only."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 # -----------------------------------------------------------------------------
-# Which positions get steered: masks computed from the input tokens
+# Masks computed from the input tokens
 
 
 def codename_mask(tokens, codenames):
@@ -79,7 +72,8 @@ def codename_mask(tokens, codenames):
             if m > N:
                 continue
             pattern = torch.tensor(ids, device=tokens.device)
-            starts = (tokens.unfold(1, m, 1) == pattern).all(-1).float()  # (B, N - m + 1): an occurrence starts here
+            # (B, N - m + 1): 1 where an occurrence starts
+            starts = (tokens.unfold(1, m, 1) == pattern).all(-1).float()
             for k in range(m):
                 mask[:, k : k + N - m + 1, c] += starts
     return mask.clamp(max=1.0)  # overlapping occurrences of one codename still steer once
@@ -90,8 +84,135 @@ def last_token_mask(positions, prompt_lengths):
     return (positions[None, :] == (prompt_lengths[:, None] - 1)).float()
 
 
+def forward_inputs(args, kwargs):
+    """(tokens (B, T), start) of a Transformer forward call; start > 0 after a KV cache."""
+    tokens = args[0] if args else kwargs["tokens"]
+    cache = args[1] if len(args) > 1 else kwargs.get("cache")
+    return tokens, len(cache[0]) if cache else 0
+
+
+# -----------------------------------------------------------------------------
+# Position modes: where along the sequence the vector is added. One object per `with apply()`
+# block: read_tokens() sees each forward's input before the model runs (so model.py knows
+# nothing), delta() is what gets added at one layer's hook.
+
+
+class Placement:
+    def read_tokens(self, tokens, start):
+        """tokens (B, T) of this forward; start = the number of tokens already in a KV cache."""
+
+    def capture_hooks(self, vector):
+        """Extra (hook name, fn) pairs that must run before the steering hooks."""
+        return []
+
+    def delta(self, vector, layer, x):
+        """What is added to the activation x (B, T, d_model) at `layer`, broadcastable to x."""
+        raise NotImplementedError
+
+
+class AllPositions(Placement):
+    """'all': one constant vector, added at every position."""
+
+    def delta(self, vector, layer, x):
+        return vector.directions[str(layer)].to(x)  # (d_model,)
+
+
+class FromPosition(Placement):
+    """'from:K': positions >= K, counted from the start of the sequence (KV cache included)."""
+
+    def __init__(self, first):
+        self.first = first
+
+    def read_tokens(self, tokens, start):
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)  # (T,)
+        self.mask = (positions >= self.first).float()
+
+    def delta(self, vector, layer, x):
+        return self.mask[:, None].to(x) * vector.directions[str(layer)].to(x)  # (T, d_model)
+
+
+class LastToken(Placement):
+    """'last': the last prompt token only. A new sequence (start 0) fixes the prompt lengths, from
+    apply(prompt_lengths=...) or else the input's length; tokens generated later are not steered."""
+
+    def __init__(self, prompt_lengths):
+        self.given_lengths = prompt_lengths
+
+    def read_tokens(self, tokens, start):
+        B, T = tokens.shape
+        if start == 0:
+            lengths = self.given_lengths if self.given_lengths is not None else [T] * B
+            self.lengths = torch.as_tensor(lengths, device=tokens.device).reshape(-1)  # (B,)
+        if self.lengths.shape[0] != B:
+            raise ValueError(f"prompt_lengths has {self.lengths.shape[0]} entries for a batch of {B}")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        self.mask = last_token_mask(positions, self.lengths)  # (B, T)
+
+    def delta(self, vector, layer, x):
+        return self.mask[..., None].to(x) * vector.directions[str(layer)].to(x)  # (B, T, d_model)
+
+
+class Codenames(Placement):
+    """'codename': one vector per codename, at the tokens of its occurrences. With a KV cache the
+    codenames are matched in the whole token history; a codename cut by the cache boundary steers
+    only its tokens in the later call (the earlier ones are already in the cache)."""
+
+    def __init__(self, codenames):
+        self.variants = list(codenames.values())  # [[token ids, ...] per codename]
+
+    def read_tokens(self, tokens, start):
+        if start == 0:
+            self.history = tokens
+        else:
+            self.history = torch.cat([self.history, tokens], dim=1)  # (B, start + T)
+        self.mask = codename_mask(self.history, self.variants)[:, start:]  # (B, T, C)
+
+    def delta(self, vector, layer, x):
+        vectors = vector.codename_directions[str(layer)].to(x)  # (C, d_model)
+        return self.mask.to(x) @ vectors  # (B, T, C) @ (C, d_model) -> (B, T, d_model)
+
+
+class Adaptive(Placement):
+    """'adaptive': every position, scaled by a gate 2 * sigmoid(w . r + b) learned from the residual
+    stream r there. At hook_mlp_out the residual stream is hook_resid_mid, read by a capture hook;
+    at the residual hooks it is the activation itself."""
+
+    def __init__(self):
+        self.resid = {}  # {layer: (B, T, d_model)} captured in this forward
+
+    def capture_hooks(self, vector):
+        if vector.hook != "hook_mlp_out":
+            return []
+        return [(f"blocks.{layer}.hook_resid_mid", self.capture(layer)) for layer in vector.layers]
+
+    def capture(self, layer):
+        def save(x, hook):
+            self.resid[layer] = x
+
+        return save
+
+    def delta(self, vector, layer, x):
+        key = str(layer)
+        resid = self.resid.pop(layer, x)  # (B, T, d_model)
+        gate_logit = resid @ vector.gate_weight[key].to(x) + vector.gate_bias[key].to(x)  # (B, T)
+        gate = 2 * torch.sigmoid(gate_logit)
+        return gate[..., None] * vector.directions[key].to(x)
+
+
 # -----------------------------------------------------------------------------
 # The steering vector
+
+
+def zero_parameters(layers, *shape):
+    """{str(layer): a zero Parameter of `shape`}: a vector starts as a no-op."""
+    return nn.ParameterDict({str(layer): nn.Parameter(torch.zeros(*shape)) for layer in layers})
+
+
+def as_variants(ids):
+    """A codename's token ids as a list of alternative sequences: [3, 4] -> [[3, 4]]."""
+    ids = list(ids)
+    sequences = [ids] if ids and isinstance(ids[0], int) else ids
+    return [[int(i) for i in sequence] for sequence in sequences]
 
 
 class SteeringVector(nn.Module):
@@ -104,100 +225,78 @@ class SteeringVector(nn.Module):
             raise ValueError(f"unknown hook {hook!r} (choose from: {', '.join(HOOKS)})")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
-        layers = sorted({int(l) for l in layers})
+        layers = sorted({int(layer) for layer in layers})
         if not layers or layers[0] < 0:
             raise ValueError(f"layers must be a non-empty list of block indices >= 0, got {layers}")
         self.from_position = parse_positions(positions)
         if (positions == "codename") != bool(codenames):
-            raise ValueError("positions='codename' needs codenames={name: token ids}, and codenames need positions='codename'")
-        as_variants = lambda ids: [ids] if ids and isinstance(ids[0], int) else ids
-        codenames = {name: [[int(i) for i in v] for v in as_variants(list(ids))] for name, ids in (codenames or {}).items()}
-        if not all(variants and all(variants) for variants in codenames.values()):
+            raise ValueError("positions='codename' needs codenames={name: token ids}, "
+                             "and codenames need positions='codename'")
+        self.codenames = {name: as_variants(ids) for name, ids in (codenames or {}).items()}
+        if not all(variants and all(variants) for variants in self.codenames.values()):
             raise ValueError("every codename needs at least one token id")
-        self.d_model, self.layers, self.hook, self.method, self.positions = d_model, layers, hook, method, positions
+        self.d_model = d_model
+        self.layers = layers
+        self.hook = hook
+        self.method = method
+        self.positions = positions
         self.model_hint = model_hint
-        self.codenames = codenames  # {name: [variant ids, ...]}
-        zeros = lambda *shape: nn.ParameterDict({str(l): nn.Parameter(torch.zeros(*shape)) for l in layers})
         if positions == "codename":  # one vector per codename instead of one shared vector
-            self.codename_directions = zeros(len(self.codenames), d_model)
+            self.codename_directions = zero_parameters(layers, len(self.codenames), d_model)
         else:
-            self.directions = zeros(d_model)
+            self.directions = zero_parameters(layers, d_model)
         if positions == "adaptive":
-            self.gate_weight, self.gate_bias = zeros(d_model), zeros(1)
+            self.gate_weight = zero_parameters(layers, d_model)
+            self.gate_bias = zero_parameters(layers, 1)
 
     def extra_repr(self):
-        return f"d_model={self.d_model}, layers={self.layers}, hook={self.hook}, method={self.method}, positions={self.positions}"
+        return (f"d_model={self.d_model}, layers={self.layers}, hook={self.hook}, "
+                f"method={self.method}, positions={self.positions}")
 
     def hook_name(self, layer):
         return f"blocks.{layer}.{self.hook}"
 
     def check_fits(self, model, source="steering vector"):
-        cfg = model.cfg
-        if cfg.d_model != self.d_model:
-            raise ValueError(f"{source}: vector has d_model={self.d_model} but the model has d_model={cfg.d_model}")
-        if self.layers[-1] >= cfg.n_layers:
-            raise ValueError(f"{source}: vector steers layer {self.layers[-1]} but the model has only {cfg.n_layers} layers")
+        if model.cfg.d_model != self.d_model:
+            raise ValueError(f"{source}: vector has d_model={self.d_model} "
+                             f"but the model has d_model={model.cfg.d_model}")
+        try:
+            model.cfg.check_layers(self.layers)
+        except ValueError as e:
+            raise ValueError(f"{source}: vector steers {e}") from None
 
-    # --- what is added at one hook ---
-
-    def delta(self, layer, x, state):
-        """The steering added to activation x (B, T, d_model) at `layer`, broadcastable to x."""
-        key = str(layer)
-        if self.positions == "codename":
-            vectors = self.codename_directions[key].to(x)  # (C, d_model)
-            return state["codename_mask"].to(x) @ vectors  # (B, T, C) @ (C, d_model) -> (B, T, d_model)
-        vector = self.directions[key].to(x)  # (d_model,)
-        if self.positions == "adaptive":
-            resid = state.pop(f"resid.{layer}", x)  # (B, T, d_model): what the gate reads
-            gate = 2 * torch.sigmoid(resid @ self.gate_weight[key].to(x) + self.gate_bias[key].to(x))  # (B, T)
-            return gate[..., None] * vector
-        mask = state.get("mask")  # (B, T) or None for every position
-        return vector if mask is None else mask[..., None].to(x) * vector
-
-    def capture_positions(self, state, prompt_lengths, module, args, kwargs):
-        """Forward pre-hook on the Transformer: build the position masks of this forward from its
-        tokens. With a KV cache, positions are absolute and codenames are matched in the whole history;
-        a codename cut by the cache boundary steers only its tokens in the later call (the earlier
-        ones are already in the cache)."""
-        tokens = args[0] if args else kwargs["tokens"]
-        cache = args[1] if len(args) > 1 else kwargs.get("cache")
-        start = len(cache[0]) if cache else 0
-        B, T = tokens.shape
-        positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
+    def placement(self, prompt_lengths=None):
+        """A fresh Placement for this vector's position mode."""
+        if self.positions == "all":
+            return AllPositions()
         if self.from_position is not None:
-            state["mask"] = (positions >= self.from_position).float().expand(B, T)
-        elif self.positions == "last":
-            if start == 0:  # a new sequence: the prompt is what we see now unless told otherwise
-                lengths = prompt_lengths if prompt_lengths is not None else [T] * B
-                state["prompt_lengths"] = torch.as_tensor(lengths, device=tokens.device).reshape(-1)
-            if state["prompt_lengths"].shape[0] != B:
-                raise ValueError(f"prompt_lengths has {state['prompt_lengths'].shape[0]} entries for a batch of {B}")
-            state["mask"] = last_token_mask(positions, state["prompt_lengths"])
-        elif self.positions == "codename":
-            history = tokens if start == 0 else torch.cat([state["history"], tokens], dim=1)  # (B, start + T)
-            state["history"] = history
-            state["codename_mask"] = codename_mask(history, list(self.codenames.values()))[:, start:]
+            return FromPosition(self.from_position)
+        if self.positions == "last":
+            return LastToken(prompt_lengths)
+        if self.positions == "codename":
+            return Codenames(self.codenames)
+        return Adaptive()
 
-    def fwd_hooks(self, state, coeff):
-        hooks = []
-        for layer in self.layers:
-            if self.positions == "adaptive" and self.hook == "hook_mlp_out":
-                # the gate reads the residual stream, which at the MLP's output is hook_resid_mid
-                hooks.append((f"blocks.{layer}.hook_resid_mid", lambda x, hook, l=layer: state.update({f"resid.{l}": x})))
-            hooks.append((self.hook_name(layer), lambda x, hook, l=layer: x + coeff * self.delta(l, x, state)))
-        return hooks
+    def adder(self, placement, layer, coeff):
+        def add(x, hook):
+            return x + coeff * placement.delta(self, layer, x)
+
+        return add
 
     @contextmanager
     def apply(self, model, coeff=1.0, prompt_lengths=None):
         """Add coeff * vector at the hook points while inside the block. prompt_lengths (B,) is for
         positions="last". Hooks and the pre-hook are always removed, also when the forward raises."""
         self.check_fits(model)
-        state = {}
-        pre_hook = model.register_forward_pre_hook(
-            lambda module, args, kwargs: self.capture_positions(state, prompt_lengths, module, args, kwargs),
-            with_kwargs=True)
+        placement = self.placement(prompt_lengths)
+
+        def read_tokens(module, args, kwargs):
+            placement.read_tokens(*forward_inputs(args, kwargs))
+
+        steering = [(self.hook_name(layer), self.adder(placement, layer, coeff)) for layer in self.layers]
+        pre_hook = model.register_forward_pre_hook(read_tokens, with_kwargs=True)
         try:
-            with model.hooks(self.fwd_hooks(state, coeff)):
+            with model.hooks(placement.capture_hooks(self) + steering):
                 yield self
         finally:
             pre_hook.remove()
@@ -206,23 +305,22 @@ class SteeringVector(nn.Module):
 
     def tensors(self):
         """Everything saved, fp32 on the CPU, under the file's names."""
-        out = {}
-        for layer in self.layers:
-            if self.positions == "codename":
-                out[f"codename_direction.{layer}"] = self.codename_directions[str(layer)]
-            else:
-                out[f"direction.{layer}"] = self.directions[str(layer)]
-            if self.positions == "adaptive":
-                out[f"gate_weight.{layer}"], out[f"gate_bias.{layer}"] = self.gate_weight[str(layer)], self.gate_bias[str(layer)]
-        out = {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        out = {file_name(k): v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         for i, variants in enumerate(self.codenames.values()):
             for v, ids in enumerate(variants):
                 out[f"codename_tokens.{i}.{v}"] = torch.tensor(ids, dtype=torch.int64)
         return out
 
     def save(self, path):
-        metadata = {"hook": self.hook, "method": self.method, "positions": self.positions, "d_model": str(self.d_model),
-                    "layers": json.dumps(self.layers), "model": self.model_hint, "codenames": json.dumps(list(self.codenames))}
+        metadata = {
+            "hook": self.hook,
+            "method": self.method,
+            "positions": self.positions,
+            "d_model": str(self.d_model),
+            "layers": json.dumps(self.layers),
+            "model": self.model_hint,
+            "codenames": json.dumps(list(self.codenames)),
+        }
         atomic_write(path, lambda tmp: save_file(self.tensors(), tmp, metadata=metadata))
 
     @classmethod
@@ -231,12 +329,18 @@ class SteeringVector(nn.Module):
         tensors, meta = read_vector_file(path)
         try:
             names = json.loads(meta["codenames"])
-            variants = lambda i: [tensors[k].tolist() for k in sorted(tensors, key=lambda k: int(k.rsplit(".", 1)[1]))
-                                  if k.startswith(f"codename_tokens.{i}.")]
-            codenames = {name: variants(i) for i, name in enumerate(names)}
-            vector = cls(int(meta["d_model"]), json.loads(meta["layers"]), meta["hook"], meta["method"],
-                         meta["positions"], codenames or None, meta.get("model", ""))
-            vector.load_state_dict({param_name(k): v for k, v in tensors.items() if not k.startswith("codename_tokens")})
+            codenames = {name: codename_variants(tensors, i) for i, name in enumerate(names)}
+            vector = cls(
+                int(meta["d_model"]),
+                json.loads(meta["layers"]),
+                hook=meta["hook"],
+                method=meta["method"],
+                positions=meta["positions"],
+                codenames=codenames or None,
+                model_hint=meta.get("model", ""),
+            )
+            params = {param_name(k): v for k, v in tensors.items() if not k.startswith("codename_tokens")}
+            vector.load_state_dict(params)
         except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a valid steering vector file ({first_line(e)})") from None
         if model is not None:
@@ -245,14 +349,32 @@ class SteeringVector(nn.Module):
         return vector
 
 
-FILE_TO_PARAM = {"direction": "directions", "codename_direction": "codename_directions",
-                 "gate_weight": "gate_weight", "gate_bias": "gate_bias"}
+PARAM_TO_FILE = {
+    "directions": "direction",
+    "codename_directions": "codename_direction",
+    "gate_weight": "gate_weight",
+    "gate_bias": "gate_bias",
+}
+FILE_TO_PARAM = {file: param for param, file in PARAM_TO_FILE.items()}
+
+
+def file_name(param_name):
+    """state_dict key -> file tensor name, e.g. directions.6 -> direction.6."""
+    kind, layer = param_name.split(".")
+    return f"{PARAM_TO_FILE[kind]}.{layer}"
 
 
 def param_name(file_name):
     """File tensor name -> state_dict key, e.g. direction.6 -> directions.6."""
     kind, layer = file_name.split(".")
     return f"{FILE_TO_PARAM[kind]}.{layer}"
+
+
+def codename_variants(tensors, index):
+    """The token-id sequences stored for codename `index`, in variant order."""
+    prefix = f"codename_tokens.{index}."
+    variants = sorted((int(k[len(prefix) :]), v.tolist()) for k, v in tensors.items() if k.startswith(prefix))
+    return [ids for _, ids in variants]
 
 
 def read_vector_file(path):
@@ -304,17 +426,6 @@ def pca_direction(acts_pos, acts_neg, scale="mean"):
     return direction * (diffs.mean(0) @ direction) if scale == "mean" else direction
 
 
-def pad_prompts(prompts, pad_id=0):
-    """[[ids]] -> tokens (B, T) right-padded (causal attention keeps padding out of real positions), lengths (B,)."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    if (lengths == 0).any():
-        raise ValueError("every prompt needs at least one token")
-    tokens = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    return tokens, lengths
-
-
 @torch.no_grad()
 def collect_activations(model, prompts, hook_names, reduce="last", batch_size=16):
     """Activations at hook points for token-id prompts -> {name: (N, d_model) fp32 on CPU}.
@@ -324,7 +435,11 @@ def collect_activations(model, prompts, hook_names, reduce="last", batch_size=16
     device = next(model.parameters()).device
     out = {name: [] for name in hook_names}
     for start in range(0, len(prompts), batch_size):
-        tokens, lengths = pad_prompts(prompts[start : start + batch_size])
+        chunk = prompts[start : start + batch_size]
+        if not all(chunk):
+            raise ValueError("every prompt needs at least one token")
+        tokens = tasks.right_pad(chunk, 0)  # (B, T)
+        lengths = torch.tensor([len(p) for p in chunk])  # (B,)
         _, cache = model.run_with_cache(tokens.to(device), names_filter=list(hook_names))
         valid = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).float()  # (B, T)
         for name in hook_names:
