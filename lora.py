@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from checkpoint import atomic_write, first_line, hf_module_names, is_conv1d, read_json, read_safetensors, write_json
+from checkpoint import atomic_write, hf_module_names, is_conv1d, read_json, read_safetensors, write_json
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # what PeftModel puts before the HF module path
@@ -109,13 +109,12 @@ def linear_paths(model):
     return paths
 
 
-def normalize_layers(layers, n_layers):
+def normalize_layers(model, layers):
+    """None (every layer), an int or a list -> a sorted list of the model's layers (or None)."""
     if layers is None:
         return None
     layers = [layers] if isinstance(layers, int) else sorted(set(layers))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or layers} out of range: the model has layers 0..{n_layers - 1}")
+    model.cfg.check_layers(layers)
     return layers
 
 
@@ -134,7 +133,8 @@ def select_targets(model, targets, layers):
             valid = sorted({hf.rsplit(".", 1)[-1] for hf in linear_paths(model).values()}
                            | {p.rsplit(".", 1)[-1] for p in linear_paths(model)})
             where = "" if layers is None else f" in layers {layers}"
-            raise ValueError(f"LoRA target {target!r} matches no Linear module{where}; valid names: {', '.join(valid)}")
+            raise ValueError(f"LoRA target {target!r} matches no Linear module{where}; "
+                             f"valid names: {', '.join(valid)}")
         chosen.update(by_hf + by_ours)
         if by_hf:  # already an HF name: write it as given, as PEFT would
             hf_targets.append(target)
@@ -144,7 +144,8 @@ def select_targets(model, targets, layers):
 
 
 def hf_suffix(hf_path):
-    # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj": specific enough not to catch other modules
+    # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj": specific enough not to catch other
+    # modules
     parts = hf_path.split(".")
     digits = [i for i, part in enumerate(parts) if part.isdigit()]
     return ".".join(parts[digits[0] + 1:]) if digits else hf_path
@@ -156,10 +157,9 @@ def attach_lora(model, targets=("down_proj",), layers=None, r=8, alpha=16, dropo
     Returns {our module path: LoRALinear}."""
     if lora_modules(model):
         raise ValueError("model already has LoRA modules; attach to a fresh model")
-    layers = normalize_layers(layers, model.cfg.n_layers)
+    layers = normalize_layers(model, layers)
     paths, hf_targets = select_targets(model, targets, layers)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     wrapped = {}
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
@@ -207,15 +207,27 @@ def unmerge_lora(model):
 
 
 def adapter_config(model, modules, base_model_name):
-    first = next(iter(modules.values()))
-    if any((m.r, m.alpha, m.dropout_p, m.rslora) != (first.r, first.alpha, first.dropout_p, first.rslora)
-           for m in modules.values()):
+    settings = {(m.r, m.alpha, m.dropout_p, m.rslora) for m in modules.values()}
+    if len(settings) > 1:
         raise ValueError("all LoRA modules must share r, alpha, dropout and rslora to be saved as one adapter")
+    first = next(iter(modules.values()))
     cfg = model.cfg
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name or cfg.name or None,
-              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p, "use_rslora": first.rslora,
-              "target_modules": getattr(model, "lora_targets", None) or sorted({hf_suffix(hf_module_names(cfg)[p]) for p in modules}),
-              "bias": "none", "fan_in_fan_out": any(is_conv1d(cfg, p) for p in modules), "inference_mode": True}
+    targets = getattr(model, "lora_targets", None)
+    if not targets:  # modules wrapped by hand: name them by their HF paths
+        targets = sorted({hf_suffix(hf_module_names(cfg)[p]) for p in modules})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name or cfg.name or None,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout_p,
+        "use_rslora": first.rslora,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": any(is_conv1d(cfg, p) for p in modules),  # GPT-2's Conv1D
+        "inference_mode": True,
+    }
     layers = getattr(model, "lora_layers", None)
     if layers is not None:  # PEFT finds the index after layers_pattern in the HF path
         config["layers_to_transform"] = layers
@@ -233,8 +245,9 @@ def save_lora(model, directory, base_model_name=None):
     state = {}
     for path, m in modules.items():
         # Conv1D or not, PEFT's lora_A is (r, in) and lora_B (out, r): no transpose here
-        state[f"{KEY_PREFIX}{names[path]}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        state[f"{KEY_PREFIX}{names[path]}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        key = f"{KEY_PREFIX}{names[path]}"
+        state[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        state[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp))
     write_json(os.path.join(directory, CONFIG_NAME), config)
@@ -246,13 +259,16 @@ def read_adapter_config(path):
     config = read_json(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    unsupported = {"bias": "none", "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    unsupported = {"bias": "none", "use_dora": False, "lora_bias": False,
+                   "rank_pattern": {}, "alpha_pattern": {},
                    "modules_to_save": None, "layer_replication": None, "target_parameters": None}
     for key, plain in unsupported.items():
         if config.get(key, plain) not in (plain, None, {}, []):
-            raise ValueError(f"{path}: {key}={config[key]!r} is not supported (only plain LoRA: {key}={plain!r})")
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported "
+                             f"(only plain LoRA: {key}={plain!r})")
     if not isinstance(config.get("target_modules"), list):
-        raise ValueError(f"{path}: target_modules must be a list of module names, got {config.get('target_modules')!r}")
+        targets = config.get("target_modules")
+        raise ValueError(f"{path}: target_modules must be a list of module names, got {targets!r}")
     return config
 
 
@@ -265,24 +281,34 @@ def check_adapter_weights(path, state, modules, names):
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")
     if unexpected:
-        raise ValueError(f"{path}: tensor {unexpected[0]} names no targeted module of this model ({len(unexpected)} such)")
+        raise ValueError(f"{path}: tensor {unexpected[0]} names no targeted module of this model "
+                         f"({len(unexpected)} such)")
     for key, param in expected.items():
         if state[key].shape != param.shape:
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
+            shapes = f"has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}"
+            raise ValueError(f"{path}: tensor {key} {shapes}")
     return expected
 
 
 def load_lora(model, directory):
     """Attach LoRA as adapter_config.json says and load adapter_model.safetensors (ours or PEFT's).
     Returns {our module path: LoRALinear}; on any misfit the model is left without LoRA."""
-    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
     config = read_adapter_config(config_path)
     if not os.path.exists(weights_path):
         raise ValueError(f"{weights_path}: missing adapter weights")
     state = read_safetensors(weights_path)
     try:
-        modules = attach_lora(model, config["target_modules"], config.get("layers_to_transform"), config["r"],
-                              config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+        modules = attach_lora(
+            model,
+            targets=config["target_modules"],
+            layers=config.get("layers_to_transform"),
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            rslora=config.get("use_rslora", False),
+        )
     except ValueError as e:
         raise ValueError(f"{config_path}: adapter does not fit this model ({e})") from None
     try:
