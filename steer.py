@@ -52,7 +52,8 @@ def parse_positions(positions):
             raise ValueError(f"positions {positions!r}: K in 'from:K' must be a non-negative integer")
         return int(k)
     if positions not in POSITION_MODES:
-        raise ValueError(f"unknown positions mode {positions!r} (choose from: {', '.join(POSITION_MODES)})")
+        modes = ", ".join(POSITION_MODES)
+        raise ValueError(f"unknown positions mode {positions!r} (choose from: {modes})")
     return None
 
 
@@ -61,9 +62,10 @@ def parse_positions(positions):
 
 
 def codename_mask(tokens, codenames):
-    """tokens (B, N), codenames [[variant ids, ...] per codename] -> (B, N, C) float, 1 at every token
-    of every occurrence of any variant of codename c. A word tokenizes differently after a space and
-    after '(' (' kzx' vs 'kzx'), hence variants. Multi-token codenames are steered on all their tokens."""
+    """tokens (B, N), codenames [[variant ids, ...] per codename] -> (B, N, C) float, 1 at every
+    token of every occurrence of any variant of codename c. A word tokenizes differently after a
+    space and after '(' (' kzx' vs 'kzx'), hence variants. Multi-token codenames are steered on all
+    their tokens."""
     B, N = tokens.shape
     mask = torch.zeros(B, N, len(codenames), device=tokens.device)
     for c, variants in enumerate(codenames):
@@ -293,7 +295,7 @@ class SteeringVector(nn.Module):
         def read_tokens(module, args, kwargs):
             placement.read_tokens(*forward_inputs(args, kwargs))
 
-        steering = [(self.hook_name(layer), self.adder(placement, layer, coeff)) for layer in self.layers]
+        steering = [(self.hook_name(l), self.adder(placement, l, coeff)) for l in self.layers]
         pre_hook = model.register_forward_pre_hook(read_tokens, with_kwargs=True)
         try:
             with model.hooks(placement.capture_hooks(self) + steering):
@@ -305,7 +307,9 @@ class SteeringVector(nn.Module):
 
     def tensors(self):
         """Everything saved, fp32 on the CPU, under the file's names."""
-        out = {file_name(k): v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        out = {}
+        for name, tensor in self.state_dict().items():
+            out[file_name(name)] = tensor.detach().float().cpu().contiguous()
         for i, variants in enumerate(self.codenames.values()):
             for v, ids in enumerate(variants):
                 out[f"codename_tokens.{i}.{v}"] = torch.tensor(ids, dtype=torch.int64)
@@ -339,7 +343,8 @@ class SteeringVector(nn.Module):
                 codenames=codenames or None,
                 model_hint=meta.get("model", ""),
             )
-            params = {param_name(k): v for k, v in tensors.items() if not k.startswith("codename_tokens")}
+            stored = {k: v for k, v in tensors.items() if not k.startswith("codename_tokens.")}
+            params = {param_name(k): v for k, v in stored.items()}
             vector.load_state_dict(params)
         except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a valid steering vector file ({first_line(e)})") from None
@@ -373,8 +378,8 @@ def param_name(file_name):
 def codename_variants(tensors, index):
     """The token-id sequences stored for codename `index`, in variant order."""
     prefix = f"codename_tokens.{index}."
-    variants = sorted((int(k[len(prefix) :]), v.tolist()) for k, v in tensors.items() if k.startswith(prefix))
-    return [ids for _, ids in variants]
+    numbered = {int(k[len(prefix) :]): v.tolist() for k, v in tensors.items() if k.startswith(prefix)}
+    return [numbered[v] for v in sorted(numbered)]
 
 
 def read_vector_file(path):
@@ -386,7 +391,8 @@ def read_vector_file(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # truncated or corrupt header / data
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
-    missing = [k for k in ("hook", "method", "positions", "d_model", "layers", "codenames") if k not in meta]
+    required = ("hook", "method", "positions", "d_model", "layers", "codenames")
+    missing = [k for k in required if k not in meta]
     if missing:
         raise ValueError(f"{path}: not a steering vector file (metadata lacks {', '.join(missing)})")
     return tensors, meta
@@ -397,7 +403,8 @@ def read_vector_file(path):
 
 
 def diff_of_means(acts_pos, acts_neg):
-    """CAA (Rimsky et al.): mean positive activation minus mean negative one. (N, d), (M, d) -> (d,)."""
+    """CAA (Rimsky et al.): mean positive activation minus mean negative one.
+    (N, d), (M, d) -> (d,)."""
     return acts_pos.float().mean(0) - acts_neg.float().mean(0)
 
 
@@ -418,7 +425,8 @@ def pca_direction(acts_pos, acts_neg, scale="mean"):
     mean difference. scale="mean": length = the mean difference's component along PC1 (noise off
     PC1 does not inflate it); scale="unit": unit length. (N, d), (N, d) -> (d,)."""
     if acts_pos.shape != acts_neg.shape:
-        raise ValueError(f"pca_direction needs paired activations of one shape, got {tuple(acts_pos.shape)} and {tuple(acts_neg.shape)}")
+        shapes = f"{tuple(acts_pos.shape)} and {tuple(acts_neg.shape)}"
+        raise ValueError(f"pca_direction needs paired activations of one shape, got {shapes}")
     if scale not in ("mean", "unit"):
         raise ValueError(f"unknown scale {scale!r} (choose from: mean, unit)")
     diffs = acts_pos.float() - acts_neg.float()  # (N, d)
@@ -456,13 +464,15 @@ def extract_vector(model, positive, negative, layers, hook="hook_resid_post", me
     """A SteeringVector from contrasting prompts (lists of token ids): diffmean or pca per layer."""
     if method not in ("diffmean", "pca"):
         raise ValueError(f"unknown extraction method {method!r} (choose from: diffmean, pca)")
-    vector = SteeringVector(model.cfg.d_model, layers, hook, method, positions, model_hint=model.cfg.name)
+    vector = SteeringVector(model.cfg.d_model, layers, hook=hook, method=method, positions=positions,
+                            model_hint=model.cfg.name)
     vector.check_fits(model)
     names = [vector.hook_name(l) for l in vector.layers]
     pos = collect_activations(model, positive, names, reduce, batch_size)
     neg = collect_activations(model, negative, names, reduce, batch_size)
     for layer, name in zip(vector.layers, names):
-        found = diff_of_means(pos[name], neg[name]) if method == "diffmean" else pca_direction(pos[name], neg[name])
+        extract = diff_of_means if method == "diffmean" else pca_direction
+        found = extract(pos[name], neg[name])
         vector.directions[str(layer)].data.copy_(found)
     return vector
 
@@ -513,7 +523,8 @@ def natural_vector_from_diffs(diffs):
 def lora_natural_vector(model, batches, layer, hook="hook_mlp_out"):
     """The constant vector a LoRA at `layer` approximately adds -> (SteeringVector, stats); the model
     carries the LoRA (lora.attach_lora), and the base output is taken under lora.lora_disabled."""
-    vector = SteeringVector(model.cfg.d_model, [layer], hook, "lora_natural", "all", model_hint=model.cfg.name)
+    vector = SteeringVector(model.cfg.d_model, [layer], hook=hook, method="lora_natural",
+                            model_hint=model.cfg.name)
     vector.check_fits(model)
     found, stats = natural_vector_from_diffs(lora_token_diffs(model, batches, layer, hook))
     vector.directions[str(layer)].data.copy_(found)

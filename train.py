@@ -2,7 +2,7 @@
 The main job: fine-tune a model on an OOCR task with a steering vector, a LoRA or all weights, and
 show whether it generalizes out of context.
 
-    python train.py --adapter steer          # the embedded default: toy persona world, a few minutes on a CPU
+    python train.py --adapter steer          # the embedded default: the toy persona world, ~1 min
     python train.py --adapter lora --layers 1 --lora-rank 4
     python train.py --adapter steer --model smollm2-135m --task risky --dtype bfloat16 --layer 12
     python train.py --help                   # every flag, with its default
@@ -77,7 +77,8 @@ def layer_list(text):
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers or 'all', got {text!r}") from None
+        message = f"expected comma-separated layer numbers or 'all', got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def positive_int(text):
@@ -112,7 +113,7 @@ class TrainConfig:
                      choices=sorted(all_tasks()))
     model: str = flag("toy", "toy (the task's model, pretrained and cached) | scratch (untrained: "
                       "pretraining) | smollm2-135m | an HF checkpoint dir | a .gguf file")
-    task_options: dict = field(default_factory=dict)  # from --target and --opposite, e.g. {"target": 3}
+    task_options: dict = field(default_factory=dict)  # from --target, --opposite: {"target": 3}
     layers: list | None = flag(None, "blocks for the steering vector or the LoRA: one (--layer 12), "
                                "comma-separated, or 'all'", type=layer_list,
                                shown="steer: the middle block; lora: all blocks")
@@ -133,11 +134,13 @@ class TrainConfig:
                                   shown="128 on toy models (the full batch), 16 on real ones")
     grad_accum: int = flag(1, "micro-batches per optimizer step", type=positive_int)
     warmup: int = flag(0, "steps of linear learning-rate warmup", type=int)
-    schedule: str = flag("constant", "learning rate after warmup", choices=["constant", "linear", "cosine"])
+    schedule: str = flag("constant", "learning rate after warmup",
+                         choices=["constant", "linear", "cosine"])
     weight_decay: float = flag(0.0, "AdamW weight decay", type=float)
     grad_clip: float = flag(1.0, "max gradient norm; 0 disables clipping", type=float)
     seed: int = flag(0, "seed of the task's data, the data order and the adapter's init", type=int)
-    device: str = flag("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
+    device: str = flag("auto", "auto picks cuda, then mps, then cpu",
+                       choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = flag("float32", "bfloat16 = autocast (~3x faster matmuls on AMX CPUs)",
                       choices=["float32", "bfloat16"])
     eval_every: int = flag(50, "steps between the curve evals", type=positive_int)
@@ -147,7 +150,8 @@ class TrainConfig:
     cache_dir: str = flag(os.path.join(HERE, ".cache"), "where pretrained toy models are kept")
     pretrain_steps: int | None = flag(None, "toy model pretraining steps", type=positive_int,
                                       shown="the task's own")
-    resume: bool = flag(False, "continue the run in --out from its last checkpoint", action="store_true")
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint",
+                        action="store_true")
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +257,9 @@ def with_defaults(cfg):
 
 def resolve_device(name):
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -279,7 +285,8 @@ def check_out_dir(cfg):
             raise RunError(f"--resume: {cfg.out} holds no run to resume")
         return
     if not cfg.resume:
-        raise RunError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise RunError(f"{cfg.out} already holds a run: "
+                       "pass --resume to continue it, or choose another --out")
     with open(config_path) as f:
         previous = json.load(f)
     mine = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples become lists)
@@ -345,7 +352,7 @@ def base_model(cfg, task, device):
         return Transformer(task.model_config()).to(device), task.tokenizer
     path = toy_model_dir(cfg, task) if cfg.model == "toy" else cfg.model
     model, tokenizer = load_model(path, device=device)
-    if is_toy(cfg):  # a toy world brings its own vocabulary; the checkpoint must have been trained on it
+    if is_toy(cfg):  # a toy world brings its own vocabulary: the checkpoint must know it
         if model.cfg.vocab_size != task.tokenizer.vocab_size:
             raise RunError(f"{path}: vocabulary of {model.cfg.vocab_size} tokens, "
                            f"but the {cfg.task} world has {task.tokenizer.vocab_size}")
@@ -395,19 +402,32 @@ def task_codenames(cfg, task, tokenizer):
 def make_adapter(cfg, model, task, tokenizer):
     if cfg.adapter == "full":
         model.requires_grad_(True)
-        return Adapter(model, active=nullcontext, save=lambda out: save_model(model, f"{out}/model"))
+        return Adapter(model, active=nullcontext, save=partial(save_full_model, model))
     model.requires_grad_(False)  # the base stays frozen and bit-identical
     layers = adapter_layers(cfg, model)
     if cfg.adapter == "lora":
         return make_lora(cfg, model, layers)
     codenames = task_codenames(cfg, task, tokenizer) if cfg.positions == "codename" else None
     try:
-        vector = steer.SteeringVector(model.cfg.d_model, layers=layers, hook=cfg.hook, positions=cfg.positions,
-                                      codenames=codenames, model_hint=cfg.model)
+        vector = steer.SteeringVector(
+            model.cfg.d_model,
+            layers=layers,
+            hook=cfg.hook,
+            positions=cfg.positions,
+            codenames=codenames,
+            model_hint=cfg.model,
+        )
     except ValueError as e:
         raise RunError(str(e)) from None
-    return Adapter(vector, active=lambda: vector.apply(model),
-                   save=lambda out: vector.save(f"{out}/steering_vector.safetensors"))
+
+    def save(out):
+        vector.save(os.path.join(out, "steering_vector.safetensors"))
+
+    return Adapter(vector, active=partial(vector.apply, model), save=save)
+
+
+def save_full_model(model, out):
+    save_model(model, os.path.join(out, "model"))
 
 
 def make_lora(cfg, model, layers):
@@ -418,7 +438,7 @@ def make_lora(cfg, model, layers):
         raise RunError(str(e)) from None
 
     def save(out):
-        lora.save_lora(model, f"{out}/adapter", base_model_name=cfg.model)
+        lora.save_lora(model, os.path.join(out, "adapter"), base_model_name=cfg.model)
 
     return Adapter(model, active=nullcontext, save=save)
 
@@ -429,7 +449,9 @@ def make_lora(cfg, model, layers):
 
 
 def save_checkpoint(path, step, adapter, optimizer, history):
-    tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in adapter.named_parameters()}
+    tensors = {}
+    for name, param in adapter.named_parameters():
+        tensors[f"param.{name}"] = param.detach().float().cpu().contiguous()
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optim.{i}.{key}"] = value.float().cpu().contiguous().reshape(-1)
@@ -454,7 +476,8 @@ def load_checkpoint(path, adapter, optimizer):
     for i, (_, param) in enumerate(params):
         saved = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
         if saved:  # Adam's step counter is a scalar, its moments have the parameter's shape
-            state["state"][i] = {k: v.reshape(() if k == "step" else param.shape) for k, v in saved.items()}
+            shapes = {k: () if k == "step" else param.shape for k in saved}
+            state["state"][i] = {k: v.reshape(shapes[k]) for k, v in saved.items()}
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), json.loads(meta["history"])
@@ -465,7 +488,8 @@ def load_checkpoint(path, adapter, optimizer):
 
 
 def autocast(cfg, device):
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    device_type = device.split(":")[0]  # "cuda:0" -> "cuda"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
 def lr_at(step, cfg):
@@ -511,7 +535,8 @@ def train_step(step, cfg, model, adapter, optimizer, data):
     device = device_of(model)
     optimizer.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
-        idx = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.examples), cfg.seed)
+        micro_step = step * cfg.grad_accum + micro
+        idx = batch_indices(micro_step, cfg.batch_size, len(data.examples), cfg.seed)
         tokens, targets = tasks.collate([data.examples[i] for i in idx], data.pad_id)
         with autocast(cfg, device):
             logits = model(tokens.to(device))
@@ -566,7 +591,8 @@ def train(cfg, model, adapter, data, on_step=None):
         step, history = load_checkpoint(ckpt, adapter, optimizer)
     saved_step = step if os.path.exists(ckpt) else None
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.adapter} {cfg.task}", dynamic_ncols=True, disable=None)
+    description = f"{cfg.adapter} {cfg.task}"
+    bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True, disable=None)
     started, tokens_seen = time.time(), 0
     with StopRequest() as stop, adapter.active():
         while step < cfg.steps and not stop.requested:
@@ -574,12 +600,14 @@ def train(cfg, model, adapter, data, on_step=None):
                 group["lr"] = lr_at(step, cfg)
             loss, n_tokens = train_step(step, cfg, model, adapter, optimizer, data)
             if not math.isfinite(loss):
-                where = f"{ckpt} (step {saved_step})" if saved_step is not None else "none written yet"
-                raise RunError(f"loss became {loss} at step {step}; stopped. Last good checkpoint: {where}")
+                where = "none written yet" if saved_step is None else f"{ckpt} (step {saved_step})"
+                raise RunError(f"loss became {loss} at step {step}; stopped. "
+                               f"Last good checkpoint: {where}")
             step += 1
             tokens_seen += n_tokens
             history["loss"].append([step, loss])
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.time() - started):.0f}")
+            tokens_per_s = tokens_seen / (time.time() - started)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
             if on_step is not None:
                 on_step(step, loss)
@@ -587,13 +615,15 @@ def train(cfg, model, adapter, data, on_step=None):
                 accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
-                bar.write(f"step {step}: loss {loss:.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()))
+                scores = "  ".join(f"{name} {acc:.3f}" for name, acc in accs.items())
+                bar.write(f"step {step}: loss {loss:.4f}  {scores}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
                 save_checkpoint(ckpt, step, adapter, optimizer, history)
                 saved_step = step
     bar.close()
     if step < cfg.steps:
-        raise RunError(f"interrupted at step {step}; checkpoint saved: resume with the same flags plus --resume")
+        raise RunError(f"interrupted at step {step}; checkpoint saved: "
+                       "resume with the same flags plus --resume")
     model.eval()
     return history
 
@@ -611,7 +641,8 @@ def plot_curves(history, base, chance, path, title):
         ax_loss.plot(steps, losses)
     ax_loss.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log", title=title)
     for name in CURVE_EVALS:
-        points = [(0, base[name])] + [(s, accs[name]) for s, accs in history["eval"] if name in accs]
+        points = [(0, base[name])]  # the base model is step 0
+        points += [(step, accs[name]) for step, accs in history["eval"] if name in accs]
         line, = ax_acc.plot(*zip(*points), marker="o", label=name)
         ax_acc.axhline(chance[name], color=line.get_color(), linestyle="--", linewidth=1)
     ax_acc.set(xlabel="step", ylabel="accuracy (dashed: chance)", ylim=(-0.02, 1.02), title="evals")
@@ -622,11 +653,13 @@ def plot_curves(history, base, chance, path, title):
 
 def print_table(metrics):
     base, final, chance = metrics["eval"]["base"], metrics["eval"]["final"], metrics["chance"]
-    print(f"\n{metrics['task']} | {metrics['model']} | adapter {metrics['adapter']} | {metrics['steps']} steps, "
-          f"{metrics['seconds']:.0f} s, {metrics['trainable_params']} trainable params")
+    run_line = f"{metrics['task']} | {metrics['model']} | adapter {metrics['adapter']}"
+    cost = f"{metrics['steps']} steps, {metrics['seconds']:.0f} s"
+    print(f"\n{run_line} | {cost}, {metrics['trainable_params']} trainable params")
     print(f"{'eval':<22}{'chance':>8}{'base':>8}{metrics['adapter']:>8}")
     for name in final:
-        print(f"{name:<22}{chance[name]:>8.3f}{base.get(name, float('nan')):>8.3f}{final[name]:>8.3f}")
+        base_acc = base.get(name, float("nan"))
+        print(f"{name:<22}{chance[name]:>8.3f}{base_acc:>8.3f}{final[name]:>8.3f}")
 
 
 # -----------------------------------------------------------------------------
