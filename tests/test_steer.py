@@ -89,7 +89,8 @@ def test_vector_changes_nothing_upstream_and_its_hook_by_exactly_coeff_times_vec
     # added after the block's last nonlinearity: the residual after the block moves by the same vector
     post = f"blocks.{layer}.hook_resid_post"
     if hook != "hook_resid_pre":
-        torch.testing.assert_close(steered[post], base[post] + coeff * vector.directions[str(layer)].detach(), rtol=1e-5, atol=1e-5)
+        moved = base[post] + coeff * vector.directions[str(layer)].detach()
+        torch.testing.assert_close(steered[post], moved, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(steered_logits, model(tokens))
 
 
@@ -386,7 +387,8 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
     random_vector(layers=[2]).save(path)
     with pytest.raises(ValueError, match=r"v\.safetensors: vector has d_model=16 but the model has d_model=24"):
         SteeringVector.load(path, tiny_model(d_model=24))
-    with pytest.raises(ValueError, match=r"v\.safetensors: vector steers layers \[2\] out of range: the model has layers 0\.\.1"):
+    message = r"v\.safetensors: vector steers layers \[2\] out of range: the model has layers 0\.\.1"
+    with pytest.raises(ValueError, match=message):
         SteeringVector.load(path, tiny_model(n_layers=2))
     with pytest.raises(ValueError, match="no such steering vector file"):
         SteeringVector.load(str(tmp_path / "missing.safetensors"))

@@ -99,11 +99,21 @@ def test_deterministic_for_a_seed(name, tokenizer):
 
 def test_same_data_in_every_process():
     """Set iteration order changes with PYTHONHASHSEED; the data must not."""
-    code = ("import tasks, hashlib; print(hashlib.sha256(repr([tasks.TEXT_TASKS[n]().train_pairs() + "
-            "[vars(q) for qs in tasks.TEXT_TASKS[n]().probes().values() for q in qs] for n in tasks.TEXT_TASKS]).encode()).hexdigest())")
+    code = """
+import hashlib, tasks
+data = []
+for task in tasks.TEXT_TASKS.values():
+    data.append(task().train_pairs())
+    data += [vars(q) for questions in task().probes().values() for q in questions]
+print(hashlib.sha256(repr(data).encode()).hexdigest())
+"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda hashseed: subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                                          env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout
+
+    def run(hashseed):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        command = [sys.executable, "-c", code]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, env=env).stdout
+
     assert run("1") == run("2") != ""
 
 
