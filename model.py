@@ -168,6 +168,9 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # (B, T, n_heads, d_head), before RoPE as in TransformerLens
         self.hook_k = HookPoint()  # (B, T, n_kv_heads, d_head), before RoPE
         self.hook_v = HookPoint()  # (B, T, n_kv_heads, d_head)
+        if cfg.arch == "llama":
+            self.hook_rot_q = HookPoint()  # (B, T, n_heads, d_head), after RoPE
+            self.hook_rot_k = HookPoint()  # (B, T, n_kv_heads, d_head), after RoPE
         self.hook_attn_scores = HookPoint()  # (B, n_heads, T_query, T_key), masked with -inf
         self.hook_pattern = HookPoint()  # (B, n_heads, T_query, T_key), rows sum to 1
         self.hook_z = HookPoint()  # (B, T, n_heads, d_head): pattern @ v, per head
@@ -187,7 +190,8 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if rope is not None:
             cos, sin = rope[0][:, None], rope[1][:, None]  # (T, 1, dh): broadcast over heads
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.hook_rot_q(apply_rope(q, cos, sin))
+            k = self.hook_rot_k(apply_rope(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, dh)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, T_past + T, dh)
@@ -224,11 +228,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.hook_pre = HookPoint()  # (B, T, d_mlp): pre-activation (the gate's, in SwiGLU)
+        if self.gated:
+            self.hook_pre_linear = HookPoint()  # (B, T, d_mlp): up_proj's output, ungated
         self.hook_post = HookPoint()  # (B, T, d_mlp): what down_proj reads
 
     def forward(self, x):
         if self.gated:  # SwiGLU
-            post = F.silu(self.hook_pre(self.gate_proj(x))) * self.up_proj(x)
+            post = F.silu(self.hook_pre(self.gate_proj(x))) * self.hook_pre_linear(self.up_proj(x))
         else:  # GPT-2 uses the tanh approximation of GELU ("gelu_new")
             post = F.gelu(self.hook_pre(self.up_proj(x)), approximate="tanh")
         return self.down_proj(self.hook_post(post))  # (B, T, d_model)

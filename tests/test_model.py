@@ -399,6 +399,20 @@ def test_embedding_and_norm_hooks_hold_transformer_lens_quantities(tiny):
     assert max_diff(cache["blocks.0.ln1.hook_normalized"], normalized) < 1e-5
 
 
+def test_rotary_hooks_hold_rotated_queries_and_keys(tiny):
+    # RoPE is a rotation by position: position 0 is unrotated, and every position keeps the norm
+    if tiny.cfg.arch != "llama":
+        assert "blocks.0.attn.hook_rot_q" not in tiny.hook_points()
+        return
+    _, cache = tiny.run_with_cache(random_tokens())
+    for kind in ("q", "k"):
+        plain = cache[f"blocks.1.attn.hook_{kind}"]  # (B, T, heads, d_head)
+        rotated = cache[f"blocks.1.attn.hook_rot_{kind}"]
+        assert max_diff(rotated[:, 0], plain[:, 0]) < 1e-6
+        assert max_diff(rotated.norm(dim=-1), plain.norm(dim=-1)) < 1e-4
+        assert max_diff(rotated[:, 1:], plain[:, 1:]) > 1e-2
+
+
 def test_replaced_norm_scale_reaches_the_logits(tiny):
     # replacing ln_final's scale by 2x must halve what the unembedding reads (RMSNorm: no bias)
     tokens = random_tokens()
