@@ -2,7 +2,8 @@
 Hand-rolled LoRA with PEFT's semantics, attached to a model.py Transformer from outside.
 
 A LoRALinear wraps a frozen nn.Linear and adds a trainable low-rank update:
-    y = base(x) + lora_B(lora_A(dropout(x))) * scaling,   scaling = alpha / r  (rsLoRA: alpha / sqrt(r))
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling
+    scaling = alpha / r  (rsLoRA: alpha / sqrt(r))
 lora_A starts kaiming-uniform, lora_B at zero, so an untrained adapter changes nothing.
 
 Files are PEFT's: adapter_config.json + adapter_model.safetensors with keys
@@ -23,9 +24,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from checkpoint import atomic_write, hf_module_names, is_conv1d, read_json, read_safetensors, write_json
+from checkpoint import (atomic_write, first_line, hf_module_names, is_conv1d, read_json,
+                        read_safetensors, write_json)
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # what PeftModel puts before the HF module path
 
 # -----------------------------------------------------------------------------
@@ -37,7 +40,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-        self.base, self.r, self.alpha, self.dropout_p, self.rslora = base, r, alpha, dropout, rslora
+        self.base = base
+        self.r = r
+        self.alpha = alpha
+        self.dropout_p = dropout
+        self.rslora = rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # fp32 adapter even on a bf16 base, as PEFT does by default (autocast_adapter_dtype)
@@ -46,7 +53,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.enabled, self.merged = True, False
+        self.enabled = True  # False: the base layer alone (lora_disabled)
+        self.merged = False  # True: the update is folded into base.weight
 
     def delta_weight(self):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
@@ -125,16 +133,15 @@ def select_targets(model, targets, layers):
     candidates = linear_paths(model)
     if layers is not None:
         candidates = {p: hf for p, hf in candidates.items() if layer_of(p) in layers}
-    chosen, hf_targets = set(), []
+    chosen = set()  # our paths
+    hf_targets = []  # the names PEFT's config will list
     for target in targets:
         by_hf = [p for p, hf in candidates.items() if path_matches(hf, target)]
         by_ours = [p for p in candidates if path_matches(p, target)]
         if not by_hf and not by_ours:
-            valid = sorted({hf.rsplit(".", 1)[-1] for hf in linear_paths(model).values()}
-                           | {p.rsplit(".", 1)[-1] for p in linear_paths(model)})
             where = "" if layers is None else f" in layers {layers}"
             raise ValueError(f"LoRA target {target!r} matches no Linear module{where}; "
-                             f"valid names: {', '.join(valid)}")
+                             f"valid names: {', '.join(target_names(model))}")
         chosen.update(by_hf + by_ours)
         if by_hf:  # already an HF name: write it as given, as PEFT would
             hf_targets.append(target)
@@ -143,15 +150,23 @@ def select_targets(model, targets, layers):
     return sorted(chosen, key=list(candidates).index), sorted(set(hf_targets))
 
 
+def target_names(model):
+    """The last component of every wrappable module's name, HF's and ours, sorted."""
+    paths = linear_paths(model)
+    names = {p.rsplit(".", 1)[-1] for p in paths} | {hf.rsplit(".", 1)[-1] for hf in paths.values()}
+    return sorted(names)
+
+
 def hf_suffix(hf_path):
-    # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj": specific enough not to catch other
-    # modules
+    # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj": a layer-free name that is still
+    # specific enough not to catch other modules
     parts = hf_path.split(".")
     digits = [i for i, part in enumerate(parts) if part.isdigit()]
     return ".".join(parts[digits[0] + 1:]) if digits else hf_path
 
 
-def attach_lora(model, targets=("down_proj",), layers=None, r=8, alpha=16, dropout=0.0, rslora=False):
+def attach_lora(model, targets=("down_proj",), layers=None, r=8, alpha=16, dropout=0.0,
+                rslora=False):
     """Wrap the targeted nn.Linear modules in LoRALinear and freeze everything else.
     targets: PEFT-style names (HF or ours); layers: None (all), an int or a list of layer indices.
     Returns {our module path: LoRALinear}."""
@@ -166,7 +181,9 @@ def attach_lora(model, targets=("down_proj",), layers=None, r=8, alpha=16, dropo
         parent = model.get_submodule(parent_path)
         wrapped[path] = LoRALinear(getattr(parent, leaf), r, alpha, dropout, rslora)
         setattr(parent, leaf, wrapped[path])
-    model.lora_targets, model.lora_layers = hf_targets, layers  # for save_lora's config
+    # for save_lora's config
+    model.lora_targets = hf_targets
+    model.lora_layers = layers
     return wrapped
 
 
@@ -209,7 +226,8 @@ def unmerge_lora(model):
 def adapter_config(model, modules, base_model_name):
     settings = {(m.r, m.alpha, m.dropout_p, m.rslora) for m in modules.values()}
     if len(settings) > 1:
-        raise ValueError("all LoRA modules must share r, alpha, dropout and rslora to be saved as one adapter")
+        raise ValueError("all LoRA modules must share r, alpha, dropout and rslora "
+                         "to be saved as one adapter")
     first = next(iter(modules.values()))
     cfg = model.cfg
     targets = getattr(model, "lora_targets", None)
@@ -253,16 +271,27 @@ def save_lora(model, directory, base_model_name=None):
     write_json(os.path.join(directory, CONFIG_NAME), config)
 
 
+# PEFT settings we do not implement, at the value that switches each off
+PLAIN_LORA = {
+    "bias": "none",
+    "use_dora": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layer_replication": None,
+    "target_parameters": None,
+}
+
+
 def read_adapter_config(path):
     if not os.path.exists(path):
         raise ValueError(f"{path}: missing adapter config")
     config = read_json(path)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    unsupported = {"bias": "none", "use_dora": False, "lora_bias": False,
-                   "rank_pattern": {}, "alpha_pattern": {},
-                   "modules_to_save": None, "layer_replication": None, "target_parameters": None}
-    for key, plain in unsupported.items():
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{path}: peft_type is {peft_type!r}, only 'LORA' is supported")
+    for key, plain in PLAIN_LORA.items():
         if config.get(key, plain) not in (plain, None, {}, []):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported "
                              f"(only plain LoRA: {key}={plain!r})")
@@ -277,7 +306,8 @@ def check_adapter_weights(path, state, modules, names):
     for p, m in modules.items():
         expected[f"{KEY_PREFIX}{names[p]}.lora_A.weight"] = m.lora_A.weight
         expected[f"{KEY_PREFIX}{names[p]}.lora_B.weight"] = m.lora_B.weight
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")
     if unexpected:
@@ -310,7 +340,8 @@ def load_lora(model, directory):
             rslora=config.get("use_rslora", False),
         )
     except ValueError as e:
-        raise ValueError(f"{config_path}: adapter does not fit this model ({e})") from None
+        message = f"adapter does not fit this model ({first_line(e)})"
+        raise ValueError(f"{config_path}: {message}") from None
     try:
         expected = check_adapter_weights(weights_path, state, modules, hf_module_names(model.cfg))
     except ValueError:
@@ -328,4 +359,5 @@ def detach_lora(model):
         m.unmerge()
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, m.base)
-    model.lora_targets = model.lora_layers = None
+    model.lora_targets = None
+    model.lora_layers = None

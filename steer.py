@@ -11,7 +11,7 @@ through hook points, so model.py never changes and the base weights are never to
 Where the vector is added (`positions`), each mode one class below:
     "all"       every position: the seed paper's trained and "natural" vectors, the simple case
     "from:K"    absolute positions >= K (e.g. skip a system prompt)
-    "last"      only the last prompt token (prompt lengths from apply(), else the input's last position)
+    "last"      only the last prompt token (lengths from apply(), else the input's last position)
     "codename"  conditional steering: one vector per codename, added only at the tokens where that
                 codename's token sequence occurs (the seed paper's Locations / Functions setup)
     "adaptive"  token-wise learned scale (Sinii et al. 2025): 2 * sigmoid(w . r + b) * vector, r the
@@ -49,7 +49,7 @@ def parse_positions(positions):
     if positions.startswith("from:"):
         k = positions[len("from:") :]
         if not k.isdigit():
-            raise ValueError(f"positions {positions!r}: K in 'from:K' must be a non-negative integer")
+            raise ValueError(f"positions {positions!r}: K in 'from:K' must be an integer >= 0")
         return int(k)
     if positions not in POSITION_MODES:
         modes = ", ".join(POSITION_MODES)
@@ -67,7 +67,7 @@ def codename_mask(tokens, codenames):
     space and after '(' (' kzx' vs 'kzx'), hence variants. Multi-token codenames are steered on all
     their tokens."""
     B, N = tokens.shape
-    mask = torch.zeros(B, N, len(codenames), device=tokens.device)
+    mask = torch.zeros(B, N, len(codenames), device=tokens.device)  # (B, N, C)
     for c, variants in enumerate(codenames):
         for ids in variants:
             m = len(ids)
@@ -90,54 +90,70 @@ def forward_inputs(args, kwargs):
     """(tokens (B, T), start) of a Transformer forward call; start > 0 after a KV cache."""
     tokens = args[0] if args else kwargs["tokens"]
     cache = args[1] if len(args) > 1 else kwargs.get("cache")
-    return tokens, len(cache[0]) if cache else 0
+    start = len(cache[0]) if cache else 0
+    return tokens, start
 
 
 # -----------------------------------------------------------------------------
-# Position modes: where along the sequence the vector is added. One object per `with apply()`
-# block: read_tokens() sees each forward's input before the model runs (so model.py knows
-# nothing), delta() is what gets added at one layer's hook.
+# Position modes: what a vector trains and where along the sequence it is added, one class per
+# mode. apply() makes one instance per `with` block; read_tokens() sees each forward's input before
+# the model runs (so model.py knows nothing of steering), delta() is what a layer's hook adds.
 
 
 class Placement:
+    """The interface of a position mode; its defaults are the plain case: one vector per layer."""
+
+    @staticmethod
+    def parameter_shapes(d_model, n_codenames):
+        """{parameter name: its shape at each layer}."""
+        return {"directions": (d_model,)}
+
+    def __init__(self, vector, prompt_lengths=None):
+        self.vector = vector
+
     def read_tokens(self, tokens, start):
         """tokens (B, T) of this forward; start = the number of tokens already in a KV cache."""
 
-    def capture_hooks(self, vector):
+    def capture_hooks(self):
         """Extra (hook name, fn) pairs that must run before the steering hooks."""
         return []
 
-    def delta(self, vector, layer, x):
+    def delta(self, layer, x):
         """What is added to the activation x (B, T, d_model) at `layer`, broadcastable to x."""
         raise NotImplementedError
+
+    def direction(self, layer, x):
+        return self.vector.directions[str(layer)].to(x)  # (d_model,)
 
 
 class AllPositions(Placement):
     """'all': one constant vector, added at every position."""
 
-    def delta(self, vector, layer, x):
-        return vector.directions[str(layer)].to(x)  # (d_model,)
+    def delta(self, layer, x):
+        return self.direction(layer, x)
 
 
 class FromPosition(Placement):
     """'from:K': positions >= K, counted from the start of the sequence (KV cache included)."""
 
-    def __init__(self, first):
-        self.first = first
+    def __init__(self, vector, prompt_lengths=None):
+        super().__init__(vector)
+        self.first = vector.from_position
 
     def read_tokens(self, tokens, start):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)  # (T,)
         self.mask = (positions >= self.first).float()
 
-    def delta(self, vector, layer, x):
-        return self.mask[:, None].to(x) * vector.directions[str(layer)].to(x)  # (T, d_model)
+    def delta(self, layer, x):
+        return self.mask[:, None].to(x) * self.direction(layer, x)  # (T, d_model)
 
 
 class LastToken(Placement):
     """'last': the last prompt token only. A new sequence (start 0) fixes the prompt lengths, from
     apply(prompt_lengths=...) or else the input's length; tokens generated later are not steered."""
 
-    def __init__(self, prompt_lengths):
+    def __init__(self, vector, prompt_lengths=None):
+        super().__init__(vector)
         self.given_lengths = prompt_lengths
 
     def read_tokens(self, tokens, start):
@@ -146,12 +162,13 @@ class LastToken(Placement):
             lengths = self.given_lengths if self.given_lengths is not None else [T] * B
             self.lengths = torch.as_tensor(lengths, device=tokens.device).reshape(-1)  # (B,)
         if self.lengths.shape[0] != B:
-            raise ValueError(f"prompt_lengths has {self.lengths.shape[0]} entries for a batch of {B}")
-        positions = torch.arange(start, start + T, device=tokens.device)
+            n = self.lengths.shape[0]
+            raise ValueError(f"prompt_lengths has {n} entries for a batch of {B}")
+        positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         self.mask = last_token_mask(positions, self.lengths)  # (B, T)
 
-    def delta(self, vector, layer, x):
-        return self.mask[..., None].to(x) * vector.directions[str(layer)].to(x)  # (B, T, d_model)
+    def delta(self, layer, x):
+        return self.mask[..., None].to(x) * self.direction(layer, x)  # (B, T, d_model)
 
 
 class Codenames(Placement):
@@ -159,8 +176,13 @@ class Codenames(Placement):
     codenames are matched in the whole token history; a codename cut by the cache boundary steers
     only its tokens in the later call (the earlier ones are already in the cache)."""
 
-    def __init__(self, codenames):
-        self.variants = list(codenames.values())  # [[token ids, ...] per codename]
+    @staticmethod
+    def parameter_shapes(d_model, n_codenames):
+        return {"codename_directions": (n_codenames, d_model)}
+
+    def __init__(self, vector, prompt_lengths=None):
+        super().__init__(vector)
+        self.variants = list(vector.codenames.values())  # [[token ids, ...] per codename]
 
     def read_tokens(self, tokens, start):
         if start == 0:
@@ -169,8 +191,8 @@ class Codenames(Placement):
             self.history = torch.cat([self.history, tokens], dim=1)  # (B, start + T)
         self.mask = codename_mask(self.history, self.variants)[:, start:]  # (B, T, C)
 
-    def delta(self, vector, layer, x):
-        vectors = vector.codename_directions[str(layer)].to(x)  # (C, d_model)
+    def delta(self, layer, x):
+        vectors = self.vector.codename_directions[str(layer)].to(x)  # (C, d_model)
         return self.mask.to(x) @ vectors  # (B, T, C) @ (C, d_model) -> (B, T, d_model)
 
 
@@ -179,13 +201,19 @@ class Adaptive(Placement):
     stream r there. At hook_mlp_out the residual stream is hook_resid_mid, read by a capture hook;
     at the residual hooks it is the activation itself."""
 
-    def __init__(self):
+    @staticmethod
+    def parameter_shapes(d_model, n_codenames):
+        return {"directions": (d_model,), "gate_weight": (d_model,), "gate_bias": (1,)}
+
+    def __init__(self, vector, prompt_lengths=None):
+        super().__init__(vector)
         self.resid = {}  # {layer: (B, T, d_model)} captured in this forward
 
-    def capture_hooks(self, vector):
-        if vector.hook != "hook_mlp_out":
+    def capture_hooks(self):
+        if self.vector.hook != "hook_mlp_out":
             return []
-        return [(f"blocks.{layer}.hook_resid_mid", self.capture(layer)) for layer in vector.layers]
+        layers = self.vector.layers
+        return [(f"blocks.{layer}.hook_resid_mid", self.capture(layer)) for layer in layers]
 
     def capture(self, layer):
         def save(x, hook):
@@ -193,12 +221,22 @@ class Adaptive(Placement):
 
         return save
 
-    def delta(self, vector, layer, x):
+    def delta(self, layer, x):
         key = str(layer)
         resid = self.resid.pop(layer, x)  # (B, T, d_model)
-        gate_logit = resid @ vector.gate_weight[key].to(x) + vector.gate_bias[key].to(x)  # (B, T)
-        gate = 2 * torch.sigmoid(gate_logit)
-        return gate[..., None] * vector.directions[key].to(x)
+        weight = self.vector.gate_weight[key].to(x)  # (d_model,)
+        bias = self.vector.gate_bias[key].to(x)  # (1,)
+        gate = 2 * torch.sigmoid(resid @ weight + bias)  # (B, T)
+        return gate[..., None] * self.direction(layer, x)  # (B, T, d_model)
+
+
+PLACEMENTS = {
+    "all": AllPositions,
+    "from:K": FromPosition,
+    "last": LastToken,
+    "codename": Codenames,
+    "adaptive": Adaptive,
+}
 
 
 # -----------------------------------------------------------------------------
@@ -218,6 +256,10 @@ def as_variants(ids):
 
 
 class SteeringVector(nn.Module):
+    """The parameters, declared by the position mode's class, are ParameterDicts keyed by
+    str(layer): `directions` (d_model,), or `codename_directions` (n_codenames, d_model) in codename
+    mode; adaptive mode adds `gate_weight` (d_model,) and `gate_bias` (1,)."""
+
     def __init__(self, d_model, layers, hook="hook_mlp_out", method="trained", positions="all",
                  codenames=None, model_hint=""):
         """layers: block indices; codenames: {name: token ids, or a list of alternative token-id
@@ -243,13 +285,11 @@ class SteeringVector(nn.Module):
         self.method = method
         self.positions = positions
         self.model_hint = model_hint
-        if positions == "codename":  # one vector per codename instead of one shared vector
-            self.codename_directions = zero_parameters(layers, len(self.codenames), d_model)
-        else:
-            self.directions = zero_parameters(layers, d_model)
-        if positions == "adaptive":
-            self.gate_weight = zero_parameters(layers, d_model)
-            self.gate_bias = zero_parameters(layers, 1)
+        mode = "from:K" if self.from_position is not None else positions
+        self.placement_class = PLACEMENTS[mode]
+        shapes = self.placement_class.parameter_shapes(d_model, len(self.codenames))
+        for name, shape in shapes.items():
+            setattr(self, name, zero_parameters(layers, *shape))
 
     def extra_repr(self):
         return (f"d_model={self.d_model}, layers={self.layers}, hook={self.hook}, "
@@ -265,40 +305,28 @@ class SteeringVector(nn.Module):
         try:
             model.cfg.check_layers(self.layers)
         except ValueError as e:
-            raise ValueError(f"{source}: vector steers {e}") from None
-
-    def placement(self, prompt_lengths=None):
-        """A fresh Placement for this vector's position mode."""
-        if self.positions == "all":
-            return AllPositions()
-        if self.from_position is not None:
-            return FromPosition(self.from_position)
-        if self.positions == "last":
-            return LastToken(prompt_lengths)
-        if self.positions == "codename":
-            return Codenames(self.codenames)
-        return Adaptive()
-
-    def adder(self, placement, layer, coeff):
-        def add(x, hook):
-            return x + coeff * placement.delta(self, layer, x)
-
-        return add
+            raise ValueError(f"{source}: vector steers {first_line(e)}") from None
 
     @contextmanager
     def apply(self, model, coeff=1.0, prompt_lengths=None):
         """Add coeff * vector at the hook points while inside the block. prompt_lengths (B,) is for
-        positions="last". Hooks and the pre-hook are always removed, also when the forward raises."""
+        positions="last". The hooks are always removed, also when the forward raises."""
         self.check_fits(model)
-        placement = self.placement(prompt_lengths)
+        placement = self.placement_class(self, prompt_lengths)
 
         def read_tokens(module, args, kwargs):
             placement.read_tokens(*forward_inputs(args, kwargs))
 
-        steering = [(self.hook_name(l), self.adder(placement, l, coeff)) for l in self.layers]
+        def adder(layer):
+            def add(x, hook):
+                return x + coeff * placement.delta(layer, x)
+
+            return add
+
+        steering = [(self.hook_name(layer), adder(layer)) for layer in self.layers]
         pre_hook = model.register_forward_pre_hook(read_tokens, with_kwargs=True)
         try:
-            with model.hooks(placement.capture_hooks(self) + steering):
+            with model.hooks(placement.capture_hooks() + steering):
                 yield self
         finally:
             pre_hook.remove()
@@ -343,11 +371,11 @@ class SteeringVector(nn.Module):
                 codenames=codenames or None,
                 model_hint=meta.get("model", ""),
             )
-            stored = {k: v for k, v in tensors.items() if not k.startswith("codename_tokens.")}
-            params = {param_name(k): v for k, v in stored.items()}
+            params = {param_name(k): v for k, v in tensors.items() if not is_codename_tokens(k)}
             vector.load_state_dict(params)
         except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a valid steering vector file ({first_line(e)})") from None
+            message = f"not a valid steering vector file ({first_line(e)})"
+            raise ValueError(f"{path}: {message}") from None
         if model is not None:
             vector.check_fits(model, source=path)
             vector.to(next(model.parameters()).device)
@@ -375,10 +403,17 @@ def param_name(file_name):
     return f"{FILE_TO_PARAM[kind]}.{layer}"
 
 
+def is_codename_tokens(file_name):
+    return file_name.startswith("codename_tokens.")
+
+
 def codename_variants(tensors, index):
     """The token-id sequences stored for codename `index`, in variant order."""
     prefix = f"codename_tokens.{index}."
-    numbered = {int(k[len(prefix) :]): v.tolist() for k, v in tensors.items() if k.startswith(prefix)}
+    numbered = {}  # {variant number: token ids}
+    for name, ids in tensors.items():
+        if name.startswith(prefix):
+            numbered[int(name[len(prefix) :])] = ids.tolist()
     return [numbered[v] for v in sorted(numbered)]
 
 
@@ -392,9 +427,9 @@ def read_vector_file(path):
     except Exception as e:  # truncated or corrupt header / data
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     required = ("hook", "method", "positions", "d_model", "layers", "codenames")
-    missing = [k for k in required if k not in meta]
+    missing = ", ".join(k for k in required if k not in meta)
     if missing:
-        raise ValueError(f"{path}: not a steering vector file (metadata lacks {', '.join(missing)})")
+        raise ValueError(f"{path}: not a steering vector file (metadata lacks {missing})")
     return tensors, meta
 
 
@@ -409,9 +444,10 @@ def diff_of_means(acts_pos, acts_neg):
 
 
 def top_direction(diffs):
-    """Top right singular vector of diffs (N, d), uncentred, sign agreeing with the mean diff -> (d,), and
-    the Gram eigenvalues (ascending). Uncentred because centring would subtract exactly the constant
-    shift we are looking for. Via the (d, d) Gram matrix in float64: cheap for many rows."""
+    """Top right singular vector of diffs (N, d), uncentred, sign agreeing with the mean diff ->
+    (d,), and the Gram eigenvalues (ascending). Uncentred because centring would subtract exactly
+    the constant shift we are looking for. Via the (d, d) Gram matrix in float64: cheap for many
+    rows."""
     d64 = diffs.double()
     eigvals, eigvecs = torch.linalg.eigh(d64.T @ d64)  # ascending
     direction = eigvecs[:, -1]
@@ -464,16 +500,21 @@ def extract_vector(model, positive, negative, layers, hook="hook_resid_post", me
     """A SteeringVector from contrasting prompts (lists of token ids): diffmean or pca per layer."""
     if method not in ("diffmean", "pca"):
         raise ValueError(f"unknown extraction method {method!r} (choose from: diffmean, pca)")
-    vector = SteeringVector(model.cfg.d_model, layers, hook=hook, method=method, positions=positions,
-                            model_hint=model.cfg.name)
+    extract = diff_of_means if method == "diffmean" else pca_direction
+    vector = SteeringVector(
+        model.cfg.d_model,
+        layers,
+        hook=hook,
+        method=method,
+        positions=positions,
+        model_hint=model.cfg.name,
+    )
     vector.check_fits(model)
-    names = [vector.hook_name(l) for l in vector.layers]
+    names = [vector.hook_name(layer) for layer in vector.layers]
     pos = collect_activations(model, positive, names, reduce, batch_size)
     neg = collect_activations(model, negative, names, reduce, batch_size)
     for layer, name in zip(vector.layers, names):
-        extract = diff_of_means if method == "diffmean" else pca_direction
-        found = extract(pos[name], neg[name])
-        vector.directions[str(layer)].data.copy_(found)
+        vector.directions[str(layer)].data.copy_(extract(pos[name], neg[name]))
     return vector
 
 
@@ -484,10 +525,11 @@ def extract_vector(model, positive, negative, layers, hook="hook_resid_post", me
 
 @torch.no_grad()
 def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
-    """Per-token output(with LoRA) - output(base) at blocks.{layer}.{hook} -> (N, d_model) fp32 on CPU.
-    batches: tokens (B, T), or (tokens, mask) with mask bool (B, T) True at real (non-pad) tokens."""
+    """Per-token output(with LoRA) - output(base) at blocks.{layer}.{hook} -> (N, d_model) fp32 on
+    CPU. batches: tokens (B, T), or (tokens, mask) with mask bool (B, T) True at real tokens."""
     name = f"blocks.{layer}.{hook}"
-    was_training, diffs = model.training, []
+    was_training = model.training
+    diffs = []
     model.eval()  # no LoRA dropout: the difference must be the adapter's, not noise
     try:
         for batch in batches:
@@ -505,24 +547,27 @@ def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
 
 
 def natural_vector_from_diffs(diffs):
-    """(N, d) token diffs -> (vector (d,), stats). vector = PC1 (uncentred, sign of the mean diff) times
-    the mean diff norm. stats: pc1_share (PC1's share of the uncentred variance, the paper's 0.76-0.99),
-    mean_abs_cos (mean |cos(diff_i, PC1)|), mean_norm, n_tokens."""
+    """(N, d) token diffs -> (vector (d,), stats). vector = PC1 (uncentred, sign of the mean diff)
+    times the mean diff norm. stats: pc1_share (PC1's share of the uncentred variance, the paper's
+    0.76-0.99), mean_abs_cos (mean |cos(diff_i, PC1)|), mean_norm, n_tokens."""
     if diffs.shape[0] == 0:
         raise ValueError("no tokens to compute the natural vector from")
     direction, eigvals = top_direction(diffs)
     norms = diffs.norm(dim=1)  # (N,)
     nonzero = norms > 0
     cos = (diffs[nonzero] @ direction).abs() / norms[nonzero]
-    stats = {"pc1_share": float(eigvals[-1] / eigvals.sum().clamp_min(1e-30)),
-             "mean_abs_cos": float(cos.mean()) if nonzero.any() else 0.0,
-             "mean_norm": float(norms.mean()), "n_tokens": int(diffs.shape[0])}
+    stats = {
+        "pc1_share": float(eigvals[-1] / eigvals.sum().clamp_min(1e-30)),
+        "mean_abs_cos": float(cos.mean()) if nonzero.any() else 0.0,
+        "mean_norm": float(norms.mean()),
+        "n_tokens": int(diffs.shape[0]),
+    }
     return direction * norms.mean(), stats
 
 
 def lora_natural_vector(model, batches, layer, hook="hook_mlp_out"):
-    """The constant vector a LoRA at `layer` approximately adds -> (SteeringVector, stats); the model
-    carries the LoRA (lora.attach_lora), and the base output is taken under lora.lora_disabled."""
+    """The constant vector a LoRA at `layer` approximately adds -> (SteeringVector, stats); the
+    model carries the LoRA (lora.attach_lora), the base output is taken under lora.lora_disabled."""
     vector = SteeringVector(model.cfg.d_model, [layer], hook=hook, method="lora_natural",
                             model_hint=model.cfg.name)
     vector.check_fits(model)

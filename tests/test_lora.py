@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, attach_lora, count_trainable, load_lora, lora_disabled, lora_modules, merge_lora,
-                  save_lora, unmerge_lora)
 from checkpoint import load_model
+from lora import (LoRALinear, attach_lora, count_trainable, load_lora, lora_disabled, lora_modules,
+                  merge_lora, save_lora, unmerge_lora)
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(1)
 
-LLAMA = ModelConfig(arch="llama", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128,
-                    qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=False, hf_model_type="llama")
+LLAMA = ModelConfig(arch="llama", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                    d_head=16, d_mlp=128, qkv_bias=False, o_bias=False, mlp_bias=False,
+                    tie_embeddings=False, hf_model_type="llama")
 
 
 def tiny_llama(seed=0):
@@ -44,7 +45,8 @@ def randomize_lora_B(model, seed=2, std=0.5):
 def test_layer_forward_is_base_plus_scaled_low_rank_update():
     torch.manual_seed(0)
     base = nn.Linear(12, 6)
-    for rslora, scaling in ((False, 16 / 4), (True, 16 / 2)):  # alpha / r and alpha / sqrt(r), r = 4
+    # alpha / r and alpha / sqrt(r), r = 4
+    for rslora, scaling in ((False, 16 / 4), (True, 16 / 2)):
         layer = LoRALinear(base, r=4, alpha=16, rslora=rslora)
         nn.init.normal_(layer.lora_B.weight)
         x = torch.randn(3, 12)
@@ -70,11 +72,13 @@ def test_dropout_acts_on_the_input_of_A_in_training_only():
 def test_init_is_peft_kaiming_uniform_and_zero_B():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 32), r=64)
-    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)): gain sqrt(2 / 6), bound gain * sqrt(3 / fan_in)
+    # kaiming_uniform(a=sqrt(5)): gain sqrt(2 / 6), bound gain * sqrt(3 / fan_in)
+    bound = 1 / math.sqrt(256)
     A = layer.lora_A.weight
     assert A.shape == (64, 256) and layer.lora_B.weight.shape == (32, 64)
     assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
-    assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # uniform(-b, b) has std b / sqrt(3)
+    # uniform(-b, b) has std b / sqrt(3)
+    assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound
     assert torch.count_nonzero(layer.lora_B.weight) == 0
 
 
@@ -115,10 +119,12 @@ def test_layer_selection_and_our_own_names():
 
 
 def test_unknown_target_is_a_one_line_error():
-    with pytest.raises(ValueError, match=r"'embed_tokens' matches no Linear module; valid names: .*down_proj"):
+    message = r"'embed_tokens' matches no Linear module; valid names: .*down_proj"
+    with pytest.raises(ValueError, match=message):
         attach_lora(tiny_llama(), targets=("embed_tokens",))
+    gpt2 = Transformer(ModelConfig(arch="gpt2"))
     with pytest.raises(ValueError, match="matches no Linear module; valid names"):
-        attach_lora(Transformer(ModelConfig(arch="gpt2")), targets=("q_proj",))  # GPT-2 has a fused c_attn
+        attach_lora(gpt2, targets=("q_proj",))  # GPT-2 has a fused c_attn
     with pytest.raises(ValueError, match=r"out of range: the model has layers 0\.\.1"):
         attach_lora(tiny_llama(), layers=[2])
 
@@ -147,7 +153,8 @@ def test_merge_matches_unmerged_and_unmerge_restores_base():
     randomize_lora_B(model)
     lora_logits = model(x)
     layer = model.blocks[0].mlp.down_proj
-    by_hand = base_weights["blocks.0.mlp.down_proj.weight"] + (8 / 4) * layer.lora_B.weight @ layer.lora_A.weight
+    base_weight = base_weights["blocks.0.mlp.down_proj.weight"]
+    by_hand = base_weight + (8 / 4) * layer.lora_B.weight @ layer.lora_A.weight
     merge_lora(model)
     torch.testing.assert_close(layer.base.weight, by_hand, atol=1e-6, rtol=0)
     torch.testing.assert_close(model(x), lora_logits, atol=1e-5, rtol=0)
@@ -156,7 +163,7 @@ def test_merge_matches_unmerged_and_unmerge_restores_base():
     with lora_disabled(model):  # switched off while merged: the delta is taken back out
         torch.testing.assert_close(model(x), base_logits, atol=1e-5, rtol=0)
     unmerge_lora(model)
-    torch.testing.assert_close(layer.base.weight, base_weights["blocks.0.mlp.down_proj.weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.base.weight, base_weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(model(x), lora_logits, atol=1e-5, rtol=0)
 
 
@@ -182,7 +189,8 @@ def hf_llama(tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=None)
     hf = LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "base")
     return hf, load_model(str(tmp_path / "base"))[0]
@@ -192,7 +200,8 @@ def hf_gpt2(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=1)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                        bos_token_id=0, eos_token_id=1)
     hf = GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "base")
     return hf, load_model(str(tmp_path / "base"))[0]
@@ -274,19 +283,25 @@ def edit_config(directory, **changes):
 
 def test_wrong_rank_is_refused(saved_adapter):
     edit_config(saved_adapter, r=4)
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor .*lora_A\.weight has shape \(8, 64\), expected \(4, 64\)"):
+    message = (r"adapter_model\.safetensors: tensor .*lora_A\.weight "
+               r"has shape \(8, 64\), expected \(4, 64\)")
+    with pytest.raises(ValueError, match=message):
         load_lora(tiny_llama(), saved_adapter)
 
 
 def test_absent_target_module_is_refused(saved_adapter):
     edit_config(saved_adapter, target_modules=["c_attn"])
-    with pytest.raises(ValueError, match=r"adapter_config\.json: adapter does not fit this model .*'c_attn' matches no"):
+    message = r"adapter_config\.json: adapter does not fit this model .*'c_attn' matches no"
+    with pytest.raises(ValueError, match=message):
         load_lora(tiny_llama(), saved_adapter)
-    with pytest.raises(ValueError, match=r"adapter_config\.json: adapter does not fit this model .*'c_attn' matches no"):
+    with pytest.raises(ValueError, match=message):
         load_lora(tiny_llama(), saved_adapter)  # the failed load left the model without LoRA
-    edit_config(saved_adapter, target_modules=["q_proj"])  # weights for down_proj now name no targeted module
+    # the weights for down_proj now name no targeted module
+    edit_config(saved_adapter, target_modules=["q_proj"])
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor .*mlp\.down_proj\.lora_A\.weight names no targeted module"):
+    message = (r"adapter_model\.safetensors: tensor .*mlp\.down_proj\.lora_A\.weight "
+               r"names no targeted module")
+    with pytest.raises(ValueError, match=message):
         load_lora(model, saved_adapter)
     assert not lora_modules(model)
 

@@ -1,6 +1,6 @@
-"""Steering vectors: where apply() adds what (hand computations on cached activations), hook hygiene,
-extraction against planted ground truth and an independent SVD, training leaves the base untouched,
-and the file round trip."""
+"""Steering vectors: where apply() adds what (hand computations on cached activations), hook
+hygiene, extraction against planted ground truth and an independent SVD, training leaves the base
+untouched, and the file round trip."""
 
 import copy
 
@@ -23,9 +23,9 @@ def tiny_model(arch="llama", d_model=D, n_layers=LAYERS, seed=0):
     torch.manual_seed(seed)
     llama = arch == "llama"
     cfg = ModelConfig(arch=arch, vocab_size=VOCAB, d_model=d_model, n_layers=n_layers, n_heads=2,
-                      n_kv_heads=1 if llama else 2, d_head=8, d_mlp=32, n_ctx=16, qkv_bias=not llama,
-                      o_bias=not llama, mlp_bias=not llama, tie_embeddings=not llama,
-                      hf_model_type=arch, name=f"tiny-{arch}")
+                      n_kv_heads=1 if llama else 2, d_head=8, d_mlp=32, n_ctx=16,
+                      qkv_bias=not llama, o_bias=not llama, mlp_bias=not llama,
+                      tie_embeddings=not llama, hf_model_type=arch, name=f"tiny-{arch}")
     model = Transformer(cfg)
     with torch.no_grad():  # larger than GPT-2's init so that every activation matters
         for p in model.parameters():
@@ -56,7 +56,8 @@ def resid_delta(model, vector, tokens, layer=1, **apply_kwargs):
 
 
 def no_hooks_left(model):
-    return all(not hp._forward_hooks for hp in model.hook_points().values()) and not model._forward_pre_hooks
+    hooks_left = any(hp._forward_hooks for hp in model.hook_points().values())
+    return not hooks_left and not model._forward_pre_hooks
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +87,8 @@ def test_vector_changes_nothing_upstream_and_its_hook_by_exactly_coeff_times_vec
         assert torch.equal(steered[name], base[name]), name
     expected = base[target] + coeff * vector.directions[str(layer)].detach()
     torch.testing.assert_close(steered[target], expected, rtol=0, atol=1e-6)
-    # added after the block's last nonlinearity: the residual after the block moves by the same vector
+    # added after the block's last nonlinearity: the residual after the block moves by the same
+    # vector
     post = f"blocks.{layer}.hook_resid_post"
     if hook != "hook_resid_pre":
         moved = base[post] + coeff * vector.directions[str(layer)].detach()
@@ -146,7 +148,8 @@ def test_kv_cache_steering_matches_the_full_forward(positions):
     with vector.apply(model):
         full = model(CODENAME_TOKENS)
         cache = model.new_cache()
-        first, second = model(CODENAME_TOKENS[:, :6], cache), model(CODENAME_TOKENS[:, 6:], cache)
+        first = model(CODENAME_TOKENS[:, :6], cache)
+        second = model(CODENAME_TOKENS[:, 6:], cache)
     torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -154,15 +157,18 @@ def test_kv_cache_steering_matches_the_full_forward(positions):
 def test_adaptive_scale_is_a_sigmoid_of_the_residual(hook):
     model, tokens, layer = tiny_model(), random_tokens(), 1
     vector = random_vector(positions="adaptive", hook=hook)
-    v, w, b = (t[str(layer)].detach() for t in (vector.directions, vector.gate_weight, vector.gate_bias))
-    reads = f"blocks.{layer}.hook_resid_post" if hook == "hook_resid_post" else f"blocks.{layer}.hook_resid_mid"
-    _, base = model.run_with_cache(tokens, names_filter=[reads, f"blocks.{layer}.{hook}"])
+    v = vector.directions[str(layer)].detach().numpy()
+    w = vector.gate_weight[str(layer)].detach().numpy()
+    b = vector.gate_bias[str(layer)].detach().numpy()
+    target = f"blocks.{layer}.{hook}"
+    reads = target if hook == "hook_resid_post" else f"blocks.{layer}.hook_resid_mid"
+    _, base = model.run_with_cache(tokens, names_filter=[reads, target])
     with vector.apply(model, coeff=0.5):
-        _, steered = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.{hook}")
+        _, steered = model.run_with_cache(tokens, names_filter=target)
     resid = base[reads].numpy().astype(np.float64)
-    gate = 2 / (1 + np.exp(-(resid @ w.numpy() + b.numpy())))  # (B, T)
-    expected = base[f"blocks.{layer}.{hook}"].numpy() + 0.5 * gate[..., None] * v.numpy()
-    np.testing.assert_allclose(steered[f"blocks.{layer}.{hook}"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    gate = 2 / (1 + np.exp(-(resid @ w + b)))  # (B, T)
+    expected = base[target].numpy() + 0.5 * gate[..., None] * v
+    np.testing.assert_allclose(steered[target].numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +218,8 @@ def test_apply_rejects_a_model_that_does_not_fit():
 def test_diff_of_means_recovers_a_planted_difference():
     g = torch.Generator().manual_seed(0)
     planted = torch.randn(32, generator=g) * 10 / 32**0.5  # norm about 10
-    pos, neg = torch.randn(500, 32, generator=g) + planted + 1.0, torch.randn(400, 32, generator=g) + 1.0
+    pos = torch.randn(500, 32, generator=g) + planted + 1.0
+    neg = torch.randn(400, 32, generator=g) + 1.0
     found = steer.diff_of_means(pos, neg)
     assert torch.cosine_similarity(found, planted, dim=0) > 0.99
     assert (found - planted).norm() / planted.norm() < 0.1
@@ -222,14 +229,16 @@ def test_pca_direction_recovers_a_planted_difference():
     g = torch.Generator().manual_seed(0)
     planted = torch.randn(32, generator=g)
     planted = planted / planted.norm() * 5
-    context = torch.randn(300, 32, generator=g) * 3  # shared by each pair: cancels in the difference
+    # shared by each pair: cancels in the difference
+    context = torch.randn(300, 32, generator=g) * 3
     strength = 0.5 + torch.rand(300, 1, generator=g)  # mean 1: the concept varies in size
     pos = context + strength * planted + 0.3 * torch.randn(300, 32, generator=g)
     neg = context + 0.3 * torch.randn(300, 32, generator=g)
     found = steer.pca_direction(pos, neg)
     assert torch.cosine_similarity(found, planted, dim=0) > 0.99
     assert abs(found.norm() / planted.norm() - strength.mean()) < 0.05
-    unit = steer.pca_direction(neg, pos, scale="unit")  # swapped: the sign follows the mean difference
+    # swapped: the sign follows the mean difference
+    unit = steer.pca_direction(neg, pos, scale="unit")
     assert torch.cosine_similarity(unit, -planted, dim=0) > 0.99 and abs(unit.norm() - 1) < 1e-5
     with pytest.raises(ValueError, match="paired"):
         steer.pca_direction(pos, neg[:10])
@@ -247,15 +256,22 @@ def test_collect_activations_matches_unpadded_single_prompt_runs():
         torch.testing.assert_close(mean[i], cache[name][0].mean(0), rtol=1e-5, atol=1e-5)
 
 
+def last_activation(model, prompt, name):
+    """The activation at `name` of the prompt's last token, run alone -> (d_model,)."""
+    _, cache = model.run_with_cache(torch.tensor([prompt]), names_filter=name)
+    return cache[name][0, -1]
+
+
 def test_extract_vector_diffmean_equals_the_difference_of_cached_means():
     model = tiny_model("gpt2")
     positive, negative = [[1, 2, 3], [3, 2, 1, 7]], [[4, 4], [9, 8, 7]]
     vector = steer.extract_vector(model, positive, negative, layers=[0, 2], hook="hook_resid_post")
     for layer in (0, 2):
         name = f"blocks.{layer}.hook_resid_post"
-        last = lambda p: model.run_with_cache(torch.tensor([p]), names_filter=name)[1][name][0, -1]
-        expected = torch.stack([last(p) for p in positive]).mean(0) - torch.stack([last(p) for p in negative]).mean(0)
-        torch.testing.assert_close(vector.directions[str(layer)].detach(), expected, rtol=1e-5, atol=1e-5)
+        pos = torch.stack([last_activation(model, p, name) for p in positive]).mean(0)
+        neg = torch.stack([last_activation(model, p, name) for p in negative]).mean(0)
+        found = vector.directions[str(layer)].detach()
+        torch.testing.assert_close(found, pos - neg, rtol=1e-5, atol=1e-5)
     assert vector.method == "diffmean" and vector.model_hint == "tiny-gpt2"
 
 
@@ -267,8 +283,8 @@ def lora_model(arch, layer=1, seed=0):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_natural_vector_recovers_a_lora_that_adds_a_scaled_constant(arch):
-    # the LoRA reads one MLP neuron, which a hook sets to 1 + position in both runs: the LoRA then adds
-    # c * (1 + t) at position t, so PC1 is c's direction and the mean norm is |c| * mean(1 + t)
+    # the LoRA reads one MLP neuron, which a hook sets to 1 + position in both runs: the LoRA then
+    # adds c * (1 + t) at position t, so PC1 is c's direction and the mean norm is |c| * mean(1 + t)
     layer, neuron = 1, 7
     model, adapter = lora_model(arch, layer)
     c = torch.randn(D, generator=torch.Generator().manual_seed(3))
@@ -293,7 +309,7 @@ def test_natural_vector_recovers_a_lora_that_adds_a_scaled_constant(arch):
     assert stats["pc1_share"] == pytest.approx(1.0, abs=1e-5)
     assert stats["mean_abs_cos"] == pytest.approx(1.0, abs=1e-5)
     assert stats["n_tokens"] == 9
-    assert vector.method == "lora_natural" and vector.hook == "hook_mlp_out" and vector.positions == "all"
+    assert (vector.method, vector.hook, vector.positions) == ("lora_natural", "hook_mlp_out", "all")
 
 
 def test_natural_vector_of_a_random_lora_matches_numpy_svd():
@@ -312,10 +328,12 @@ def test_natural_vector_of_a_random_lora_matches_numpy_svd():
     _, s, vt = np.linalg.svd(diffs, full_matrices=False)
     pc1 = vt[0] * np.sign(vt[0] @ diffs.mean(0))
     norms = np.linalg.norm(diffs, axis=1)
-    np.testing.assert_allclose(vector.directions[str(layer)].detach().numpy(), pc1 * norms.mean(), rtol=1e-4, atol=1e-5)
+    found = vector.directions[str(layer)].detach().numpy()
+    np.testing.assert_allclose(found, pc1 * norms.mean(), rtol=1e-4, atol=1e-5)
     assert stats["pc1_share"] == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-5)
     assert stats["mean_abs_cos"] == pytest.approx(np.mean(np.abs(diffs @ pc1) / norms), abs=1e-5)
-    assert stats["n_tokens"] == 21 and stats["pc1_share"] < 0.99  # a genuinely multi-directional LoRA
+    assert stats["n_tokens"] == 21
+    assert stats["pc1_share"] < 0.99  # a genuinely multi-directional LoRA
 
 
 # -----------------------------------------------------------------------------
@@ -355,13 +373,14 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(positions):
 def test_save_load_reproduces_the_vector_and_the_steered_logits(tmp_path, positions):
     model = tiny_model("gpt2")
     codenames = CODENAMES if positions == "codename" else None
-    vector = random_vector(positions=positions, hook="hook_mlp_out", layers=[0, 2], codenames=codenames,
-                           model_hint="tiny-gpt2")
+    vector = random_vector(positions=positions, hook="hook_mlp_out", layers=[0, 2],
+                           codenames=codenames, model_hint="tiny-gpt2")
     path = str(tmp_path / "vector.safetensors")
     vector.save(path)
     loaded = SteeringVector.load(path, model)
-    assert (loaded.layers, loaded.hook, loaded.positions, loaded.method, loaded.model_hint, loaded.codenames) == (
-        [0, 2], "hook_mlp_out", positions, "trained", "tiny-gpt2", vector.codenames)
+    assert loaded.layers == [0, 2]
+    assert (loaded.hook, loaded.positions, loaded.method) == ("hook_mlp_out", positions, "trained")
+    assert (loaded.model_hint, loaded.codenames) == ("tiny-gpt2", vector.codenames)
     for (name, a), (_, b) in zip(vector.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     with vector.apply(model):
@@ -377,15 +396,18 @@ def test_saved_file_uses_the_documented_names(tmp_path):
     random_vector(layers=[0, 2]).save(path)
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == {"direction.0", "direction.2"}
-        assert f.get_tensor("direction.2").dtype == torch.float32 and f.get_tensor("direction.2").shape == (D,)
+        direction = f.get_tensor("direction.2")
         meta = f.metadata()
-    assert (meta["hook"], meta["method"], meta["positions"], meta["d_model"]) == ("hook_resid_post", "trained", "all", "16")
+    assert direction.dtype == torch.float32 and direction.shape == (D,)
+    assert (meta["hook"], meta["method"]) == ("hook_resid_post", "trained")
+    assert (meta["positions"], meta["d_model"]) == ("all", "16")
 
 
 def test_load_errors_name_the_file_and_the_problem(tmp_path):
     path = str(tmp_path / "v.safetensors")
     random_vector(layers=[2]).save(path)
-    with pytest.raises(ValueError, match=r"v\.safetensors: vector has d_model=16 but the model has d_model=24"):
+    message = r"v\.safetensors: vector has d_model=16 but the model has d_model=24"
+    with pytest.raises(ValueError, match=message):
         SteeringVector.load(path, tiny_model(d_model=24))
     message = r"v\.safetensors: vector steers layers \[2\] out of range: the model has layers 0\.\.1"
     with pytest.raises(ValueError, match=message):
