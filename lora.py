@@ -196,9 +196,11 @@ def count_trainable(model):
 
 
 @contextmanager
-def lora_disabled(model):
-    """Run the base model: every adapter off inside the block, restored on exit."""
-    modules = lora_modules(model).values()
+def lora_disabled(model, layers=None):
+    """Adapters off inside the block, restored on exit: every adapter (the base model), or only
+    those inside the given blocks (layers: a list of layer indices)."""
+    chosen = lora_modules(model).items()
+    modules = [m for path, m in chosen if layers is None or layer_of(path) in layers]
     before = [m.enabled for m in modules]
     try:
         for m in modules:

@@ -35,9 +35,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import lora
 import tasks
 from checkpoint import atomic_write, first_line
-from lora import lora_disabled
 
 HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
 METHODS = ("trained", "diffmean", "pca", "lora_natural")
@@ -525,8 +525,12 @@ def extract_vector(model, positive, negative, layers, hook="hook_resid_post", me
 
 @torch.no_grad()
 def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
-    """Per-token output(with LoRA) - output(base) at blocks.{layer}.{hook} -> (N, d_model) fp32 on
-    CPU. batches: tokens (B, T), or (tokens, mask) with mask bool (B, T) True at real tokens."""
+    """Per-token output(with block `layer`'s LoRA) - output(without it) at blocks.{layer}.{hook}
+    -> (N, d_model) fp32 on CPU. Adapters in other blocks stay on in both runs, so the difference
+    is this block's adapter alone. batches: tokens (B, T), or (tokens, mask) with mask bool (B, T)
+    True at real tokens."""
+    if not any(lora.layer_of(path) == layer for path in lora.lora_modules(model)):
+        raise ValueError(f"block {layer} has no LoRA module: nothing to take a natural vector of")
     name = f"blocks.{layer}.{hook}"
     was_training = model.training
     diffs = []
@@ -537,7 +541,7 @@ def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
             if mask is not None and mask.dtype != torch.bool:
                 raise ValueError(f"batch mask must be bool (True at real tokens), got {mask.dtype}")
             _, with_lora = model.run_with_cache(tokens, names_filter=name)
-            with lora_disabled(model):
+            with lora.lora_disabled(model, layers=[layer]):
                 _, base = model.run_with_cache(tokens, names_filter=name)
             d = (with_lora[name] - base[name]).float().cpu()  # (B, T, d_model)
             diffs.append(d.flatten(0, 1) if mask is None else d[mask.cpu()])
@@ -567,7 +571,8 @@ def natural_vector_from_diffs(diffs):
 
 def lora_natural_vector(model, batches, layer, hook="hook_mlp_out"):
     """The constant vector a LoRA at `layer` approximately adds -> (SteeringVector, stats); the
-    model carries the LoRA (lora.attach_lora), the base output is taken under lora.lora_disabled."""
+    model carries the LoRA (lora.attach_lora); the output without it is taken with only this
+    block's adapters switched off (lora.lora_disabled(model, layers=[layer]))."""
     vector = SteeringVector(model.cfg.d_model, [layer], hook=hook, method="lora_natural",
                             model_hint=model.cfg.name)
     vector.check_fits(model)

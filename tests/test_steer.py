@@ -312,6 +312,28 @@ def test_natural_vector_recovers_a_lora_that_adds_a_scaled_constant(arch):
     assert (vector.method, vector.hook, vector.positions) == ("lora_natural", "hook_mlp_out", "all")
 
 
+def test_natural_vector_isolates_its_own_blocks_lora():
+    # LoRAs on blocks 0 and 1; block 1's adds nothing (B = 0). Its natural vector must be zero: the
+    # comparison run keeps block 0's adapter on. Switching every adapter off instead would credit
+    # block 0's effect on block 1's input to block 1.
+    model = tiny_model("llama", seed=6)
+    lora.attach_lora(model, targets=("down_proj",), layers=[0, 1], r=4, alpha=8)
+    with torch.no_grad():
+        model.blocks[0].mlp.down_proj.lora_B.weight.normal_(0, 0.5)
+    tokens = random_tokens(B=2, T=6, seed=7)
+    vector, stats = steer.lora_natural_vector(model, [tokens], layer=1)
+    assert vector.directions["1"].abs().max() == 0 and stats["mean_norm"] == 0
+    with lora.lora_disabled(model, layers=[1]):  # only block 1's adapter was off
+        assert model.blocks[0].mlp.down_proj.enabled and not model.blocks[1].mlp.down_proj.enabled
+    assert model.blocks[1].mlp.down_proj.enabled  # and back on afterwards
+
+
+def test_natural_vector_of_a_block_without_lora_is_refused():
+    model, _ = lora_model("llama", layer=1)
+    with pytest.raises(ValueError, match="block 2 has no LoRA module"):
+        steer.lora_natural_vector(model, [random_tokens(B=1, T=4)], layer=2)
+
+
 def test_natural_vector_of_a_random_lora_matches_numpy_svd():
     # reference: the LoRA's per-token output computed from its weights and the base MLP activations
     layer = 2
