@@ -310,3 +310,30 @@ def test_constant_answer_models_average_chance(name):
             group = EvalSet(set_name, items, es.chance, es.exact_match)
             scores = [tasks.accuracy(ConstantModel(w.tokenizer.vocab_size, c), group) for c in option_ids]
             assert sum(scores) / len(scores) == pytest.approx(es.chance), set_name
+
+
+class TiedModel(nn.Module):
+    """Gives the same top logit to every token in `token_ids`, whatever it reads."""
+
+    def __init__(self, vocab_size, token_ids):
+        super().__init__()
+        self.vocab_size, self.token_ids = vocab_size, list(token_ids)
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab_size)
+        logits[..., self.token_ids] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("name", ["persona", "backdoor"])
+def test_ties_count_as_wrong(name):
+    """A model that scores the right option exactly as high as a wrong one gets no credit: counting
+    ties as right would let a constant model beat chance."""
+    w = world(name)
+    for set_name, es in w.eval_sets().items():
+        for item in es.items[:10]:
+            right = item.options[item.answer][0]
+            wrong = next(o[0] for o in item.options if o[0] != right)
+            one = EvalSet(set_name, [item], es.chance)
+            assert tasks.accuracy(TiedModel(w.tokenizer.vocab_size, [right, wrong]), one) == 0.0
+            assert tasks.accuracy(TiedModel(w.tokenizer.vocab_size, [right]), one) == 1.0
