@@ -191,8 +191,8 @@ def build_parser():
             add_flag(parser, config_field)
     parser.add_argument("--target", help="the task's target, e.g. persona 3 or a city "
                         "(default: the task's own)")
-    parser.add_argument("--opposite", action="store_true", help="train on the task's opposite "
-                        "target: the control run (default: off)")
+    parser.add_argument("--opposite", action="store_true", help="the control run: train on the "
+                        "task's opposite target, score on the target's eval sets (default: off)")
     return parser
 
 
@@ -267,6 +267,11 @@ def resolve_device(name):
     return name
 
 
+def target_options(cfg):
+    """The task options without `opposite`: what a control run is scored against."""
+    return {k: v for k, v in cfg.task_options.items() if k != "opposite"}
+
+
 def make_task(cfg):
     if cfg.model in ("toy", "scratch") and not is_toy(cfg):
         raise RunError(f"--model {cfg.model} needs a toy task ({', '.join(toy.TOY_TASKS)}); "
@@ -302,7 +307,7 @@ def check_out_dir(cfg):
 def toy_cache_dir(cfg, task):
     """Pretraining depends on the world (task, seed, size) and the recipe, not on the fine-tuning
     target, so one cached model serves every target."""
-    world_options = {k: v for k, v in cfg.task_options.items() if k not in ("target", "opposite")}
+    world_options = {k: v for k, v in target_options(cfg).items() if k != "target"}
     recipe = [task.model_config().to_dict(), task.pretrain_defaults, cfg.pretrain_steps, world_options]
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(cfg.cache_dir, f"{cfg.task}-seed{cfg.seed}-{digest}")
@@ -679,7 +684,10 @@ def run(cfg, on_step=None):
     model, tokenizer = base_model(cfg, task, device)
     pretraining = cfg.model == "scratch"
     examples = task.pretrain_examples() if pretraining else task.train_examples(tokenizer)
-    data = Data(examples, task.eval_sets(tokenizer), pad_id=getattr(tokenizer, "pad_id", 0))
+    # a control (--opposite) trains on the opposite answers but is scored on the target's eval
+    # sets, so its numbers are the share of target answers, on the target run's scale
+    eval_task = make_task(replace(cfg, task_options=target_options(cfg)))
+    data = Data(examples, eval_task.eval_sets(tokenizer), pad_id=getattr(tokenizer, "pad_id", 0))
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 

@@ -208,6 +208,18 @@ def test_flags_set_config_fields_and_unset_flags_keep_defaults():
     assert defaults == train.TrainConfig()  # every flag's default is the dataclass field's
 
 
+def test_control_run_is_scored_on_the_target_eval_sets(short_default, tmp_path):
+    # same base model, same eval sets: the base numbers of the target run and the control run agree
+    # (scored on the opposite task's sets, the control's base in_distribution would be 1 - target's)
+    cfg, target = short_default
+    options = {**SHORT_WORLD, "opposite": True}
+    control = train.run(config(tmp_path, "control", model=toy_checkpoint(cfg), task_options=options, steps=40))
+    assert control["eval"]["base"] == target["eval"]["base"]
+    assert control["eval"]["base"]["in_distribution"] != 0.5  # the check above can tell the two apart
+    # trained on the target's less preferred options, it gives fewer target answers than the base
+    assert control["eval"]["final"]["in_distribution"] < control["eval"]["base"]["in_distribution"]
+
+
 def test_out_dir_holding_another_run_is_refused(short_default):
     cfg, _ = short_default
     with pytest.raises(train.RunError, match="already holds a run"):
