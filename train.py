@@ -11,8 +11,9 @@ Start reading at run(): one run from top to bottom (settings, the toy model's pr
 needed, the base model and the task, the base evaluation, the adapter, training, the final
 evaluation, the files). Every flag is one field of TrainConfig, with its help text.
 
-With `--model toy` (the default for toy tasks) the task's small Transformer is pretrained from
-scratch first, or reused from the cache dir. Pretraining is this same script:
+With `--model toy` (the default for toy tasks) the task's small Transformer comes pretrained: from
+data/toy/ for the default persona world, else pretrained from scratch once and kept in the cache
+dir. Pretraining is this same script:
 `--adapter full --model scratch` trains a fresh model on the task's pretraining documents.
 
 A run directory holds config.json, metrics.json, the adapter (steering-vector safetensors, PEFT
@@ -46,6 +47,7 @@ from checkpoint import CheckpointError, atomic_write, first_line, load_model, sa
 from model import Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_TOY_MODELS = os.path.join(HERE, "data", "toy")  # pretrained toy models in the repository
 CURVE_EVALS = ("in_distribution", "oocr")  # evaluated during training, for the curves
 
 # -----------------------------------------------------------------------------
@@ -111,8 +113,8 @@ class TrainConfig:
                         choices=["full", "lora", "steer"])
     task: str = flag("persona", "a toy world (toy.py) or an OOCR text task (tasks.py)",
                      choices=sorted(all_tasks()))
-    model: str = flag("toy", "toy (the task's model, pretrained and cached) | scratch (untrained: "
-                      "pretraining) | smollm2-135m | an HF checkpoint dir | a .gguf file")
+    model: str = flag("toy", "toy (the task's model, pretrained: shipped or cached) | scratch "
+                      "(untrained: pretraining) | smollm2-135m | an HF checkpoint dir | a .gguf file")
     task_options: dict = field(default_factory=dict)  # from --target, --opposite: {"target": 3}
     layers: list | None = flag(None, "blocks for the steering vector or the LoRA: one (--layer 12), "
                                "comma-separated, or 'all'", type=layer_list,
@@ -340,6 +342,12 @@ def pretrain_config(cfg, task):
 
 
 def toy_model_dir(cfg, task):
+    """The toy world's pretrained model: shipped in data/toy/ for the default recipe, because
+    pretraining is not bit-identical across CPUs and the demo should start from the same weights
+    everywhere; any other world, seed or recipe is pretrained once into the cache dir."""
+    shipped = os.path.join(SHIPPED_TOY_MODELS, os.path.basename(toy_cache_dir(cfg, task)))
+    if os.path.exists(os.path.join(shipped, "model.safetensors")):
+        return shipped
     return os.path.join(toy_cache_dir(cfg, task), "model")
 
 
@@ -352,7 +360,7 @@ def pretrain_toy_model(cfg, task):
 
 
 def base_model(cfg, task, device):
-    """-> (model, tokenizer) for the run: a fresh toy model, the cached pretrained one, or a checkpoint."""
+    """-> (model, tokenizer): a fresh toy model, the shipped or cached pretrained one, or a checkpoint."""
     if cfg.model == "scratch":
         return Transformer(task.model_config()).to(device), task.tokenizer
     path = toy_model_dir(cfg, task) if cfg.model == "toy" else cfg.model

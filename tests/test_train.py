@@ -220,6 +220,18 @@ def test_control_run_is_scored_on_the_target_eval_sets(short_default, tmp_path):
     assert control["eval"]["final"]["in_distribution"] < control["eval"]["base"]["in_distribution"]
 
 
+def test_default_world_starts_from_the_shipped_model(tmp_path):
+    # the default recipe's pretrained model ships in data/toy/: nothing is pretrained or cached,
+    # and the run's base numbers are those of the shipped weights
+    cfg = train.TrainConfig(cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), steps=2)
+    metrics = train.run(cfg)
+    assert not os.path.exists(cfg.cache_dir)
+    (shipped,) = glob.glob(os.path.join(ROOT, "data", "toy", "persona-seed0-*"))
+    model, _ = load_model(shipped)
+    with torch.no_grad():
+        assert evaluate_files(cfg, model) == metrics["eval"]["base"]
+
+
 def test_out_dir_holding_another_run_is_refused(short_default):
     cfg, _ = short_default
     with pytest.raises(train.RunError, match="already holds a run"):
