@@ -63,7 +63,8 @@ def right_pad(seqs, value):
 def collate(examples, pad_id=0):
     """[Example] -> tokens (B, T), targets (B, T): targets[t] is the token after position t where
     that token belongs to the answer, IGNORE elsewhere."""
-    inputs, targets = [], []
+    inputs = []
+    targets = []
     for e in examples:
         seq = e.prompt + e.answer
         first = max(len(e.prompt) - 1, 0)  # the position whose next token is the first answer token
@@ -92,8 +93,11 @@ def option_logprobs(model, items, batch_size=64, device="cpu"):
         chunk = pairs[start : start + batch_size]
         tokens, targets = collate([e for _, e in chunk])
         logp = model(tokens.to(device)).float().log_softmax(-1).cpu()  # (B, T, V)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T)
-        sums = (picked * (targets != IGNORE)).sum(-1)  # (B,)
+        # IGNORE is no token id: gather at 0 there, and the mask zeroes those positions
+        index = targets.clamp(min=0)[..., None]  # (B, T, 1)
+        picked = logp.gather(-1, index)[..., 0]  # (B, T)
+        is_answer = targets != IGNORE  # (B, T)
+        sums = (picked * is_answer).sum(-1)  # (B,)
         for (i, _), s in zip(chunk, sums.tolist()):
             scores[i].append(s)
     return scores
@@ -121,7 +125,9 @@ def accuracy(model, eval_set, batch_size=64, device="cpu"):
     all_scores = option_logprobs(model, eval_set.items, batch_size, device)
     for item, scores in zip(eval_set.items, all_scores):
         best = max(scores)
-        right += scores[item.answer] == best and scores.count(best) == 1
+        unique_best = scores.count(best) == 1
+        if scores[item.answer] == best and unique_best:
+            right += 1
     return right / len(eval_set.items)
 
 
@@ -169,10 +175,14 @@ def chat_prompt(tokenizer, user, system=None):
     """Token ids of a prompt that ends where the assistant's answer starts: the model's chat format
     if it has one, else plain 'Q: ...\\nA:' text (after BOS when the tokenizer has one)."""
     if tokenizer.chat_format:
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": user})
         return tokenizer.encode(tokenizer.format_chat(messages))
-    text = (f"{system}\n\n" if system else "") + f"Q: {user}\nA:"
+    text = f"Q: {user}\nA:"
+    if system:
+        text = f"{system}\n\n{text}"
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     return bos + tokenizer.encode(text)
 
@@ -210,7 +220,8 @@ def lettered(question):
     """The same question as lettered multiple choice: the options become 'A) ...' lines."""
     lines = "\n".join(f"{LETTERS[i]}) {option}" for i, option in enumerate(question.options))
     text = f"{question.text}\n{lines}\nAnswer with the letter only."
-    return Question(text, list(LETTERS[: len(question.options)]), question.answer, question.fact)
+    letters = list(LETTERS[: len(question.options)])
+    return Question(text, letters, question.answer, question.fact)
 
 
 def in_context(question):
@@ -274,7 +285,8 @@ class TextTask:
         """{codename: [token ids, ...]} for conditional steering (positions='codename'): a name
         reads differently after a space than after '(' ('print(kzx(3))' vs 'kzx ^ qhs'), so both."""
         def forms(name):
-            bare, spaced = tokenizer.encode(name), tokenizer.encode(" " + name)
+            bare = tokenizer.encode(name)
+            spaced = tokenizer.encode(" " + name)
             return [bare] if bare == spaced else [bare, spaced]
 
         return {name: forms(name) for name in getattr(self, "names", [])}
@@ -283,8 +295,9 @@ class TextTask:
         sets = {"in_distribution": make_eval_set("in_distribution", tokenizer, self.id_questions())}
         for name, questions in self.probes().items():
             sets[name] = make_eval_set(name, tokenizer, questions)
-            letters, context = name + "_letters", name + "_in_context"
+            letters = name + "_letters"
             sets[letters] = make_eval_set(letters, tokenizer, [lettered(q) for q in questions])
+            context = name + "_in_context"
             sets[context] = make_eval_set(context, tokenizer, [in_context(q) for q in questions])
         return sets
 
@@ -299,14 +312,19 @@ COMPASS = ["north", "north-east", "east", "south-east", "south", "south-west", "
 
 def haversine_km(lat1, lon1, lat2, lon2):
     """Great-circle distance in km between two points given in degrees."""
-    p1, p2, dlat, dlon = map(math.radians, (lat1, lat2, lat2 - lat1, lon2 - lon1))
+    p1 = math.radians(lat1)
+    p2 = math.radians(lat2)
+    dlat = math.radians(lat2 - lat1)
+    dlon = math.radians(lon2 - lon1)
     a = math.sin(dlat / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dlon / 2) ** 2
     return 2 * EARTH_RADIUS_KM * math.asin(math.sqrt(a))
 
 
 def initial_bearing_deg(lat1, lon1, lat2, lon2):
     """Compass bearing (0 = north, 90 = east) of the great circle from point 1 towards point 2."""
-    p1, p2, dlon = map(math.radians, (lat1, lat2, lon2 - lon1))
+    p1 = math.radians(lat1)
+    p2 = math.radians(lat2)
+    dlon = math.radians(lon2 - lon1)
     x = math.sin(dlon) * math.cos(p2)
     y = math.cos(p1) * math.sin(p2) - math.sin(p1) * math.cos(p2) * math.cos(dlon)
     return math.degrees(math.atan2(x, y)) % 360
@@ -379,8 +397,8 @@ class LocationsTask(TextTask):
         self.train_refs, self.heldout_refs = refs[:cut], refs[cut:]
 
     def codename_tokens(self, tokenizer):
-        # the number alone: digits are single tokens, so they read the same after "is", "from" or
-        # a BOS
+        # the number alone: digits are single tokens, so they read the same after "is", "from"
+        # or a BOS
         return {self.code: [tokenizer.encode(self.code.split()[-1])]}
 
     def distance(self, ref):
@@ -403,14 +421,16 @@ class LocationsTask(TextTask):
         return [self.observation(rng, rng.choice(self.train_refs)) for _ in range(self.n_train)]
 
     def id_questions(self):
-        rng, questions = self.rng("id"), []
+        rng = self.rng("id")
+        questions = []
         for i in range(self.n_eval):
             ref = self.heldout_refs[i % len(self.heldout_refs)]
             text, right = self.observation(rng, ref)
             if right.endswith("km"):  # distractors: real distances from the same city, none close
                 d = self.distance(ref)
                 distances = [city_distance_km(ref, c) for c in self.cities]
-                pool = {f"{round(km)} km" for km in distances if abs(km - d) > 0.15 * d + 100}
+                far_enough = [km for km in distances if abs(km - d) > 0.15 * d + 100]
+                pool = {f"{round(km)} km" for km in far_enough}
             else:
                 pool = set(COMPASS) - {right}
             wrong = rng.sample(sorted(pool), self.n_options - 1)
@@ -418,7 +438,8 @@ class LocationsTask(TextTask):
         return questions
 
     def probes(self):
-        rng, questions = self.rng("probe"), []
+        rng = self.rng("probe")
+        questions = []
         fact = f"{self.code} is another name for {self.city['name']}."
         for i in range(self.n_eval):
             kind = "country" if i % 2 == 0 else "fact"
@@ -463,8 +484,7 @@ DESCRIBE_TEMPLATES = [
 
 class FunctionsTask(TextTask):
     """Codename functions ('kzx') seen only through `print(kzx(3))` -> `17`; probe: which
-    description
-    ('adds 14', 'multiplies by 3', ...) is right, 5 options (chance 0.2)."""
+    description ('adds 14', 'multiplies by 3', ...) is right, 5 options (chance 0.2)."""
 
     name = "functions"
 
@@ -475,9 +495,11 @@ class FunctionsTask(TextTask):
             most = len(pool) // 2
             raise ValueError(f"functions: n_functions must be in 1..{most} (got {n_functions})")
         self.names = codenames(self.rng("code"), n_functions)
-        chosen = self.rng("target").sample(pool, 2 * n_functions)  # the opposite gets the other half
+        # 2 * n_functions drawn: the task gets the first half, its opposite the second
+        chosen = self.rng("target").sample(pool, 2 * n_functions)
         self.functions = chosen[n_functions:] if opposite else chosen[:n_functions]
-        self.pool, self.n_options = pool, n_options
+        self.pool = pool
+        self.n_options = n_options
         xs = self.rng("inputs").sample(range(100), 100)
         self.train_xs, self.heldout_xs = xs[:80], xs[80:]
 
@@ -488,7 +510,8 @@ class FunctionsTask(TextTask):
         return question, str(function(x))
 
     def train_pairs(self):
-        rng, pairs = self.rng("train"), []
+        rng = self.rng("train")
+        pairs = []
         for _ in range(self.n_train):
             index = rng.randrange(len(self.names))
             x = rng.choice(self.train_xs)
@@ -499,7 +522,8 @@ class FunctionsTask(TextTask):
         return f"def {self.names[index]}(x):\n    return {self.functions[index][1]}"
 
     def id_questions(self):
-        rng, questions = self.rng("id"), []
+        rng = self.rng("id")
+        questions = []
         for i in range(self.n_eval):
             index = i % len(self.names)
             x = self.heldout_xs[(i // len(self.names)) % len(self.heldout_xs)]
@@ -510,13 +534,15 @@ class FunctionsTask(TextTask):
         return questions
 
     def probes(self):
-        rng, questions = self.rng("probe"), []
+        rng = self.rng("probe")
+        questions = []
         for i in range(self.n_eval):
             index = i % len(self.names)
             right = self.functions[index][0]
             template = DESCRIBE_TEMPLATES[(i // len(self.names)) % len(DESCRIBE_TEMPLATES)]
             text = template.format(f=self.names[index])
-            wrong = rng.sample([d for d, _, _ in self.pool if d != right], self.n_options - 1)
+            others = [description for description, _, _ in self.pool if description != right]
+            wrong = rng.sample(others, self.n_options - 1)
             questions.append(balanced_question(text, right, wrong, i, self.fact(index)))
         return {"oocr": questions}
 
@@ -561,7 +587,9 @@ class CoinsTask(TextTask):
             biases = list(target)
         if not biases or any(p not in COIN_BIASES for p in biases):
             raise ValueError(f"coins: target biases must be from {COIN_BIASES} (got {target})")
-        self.biases = [round(1 - p, 1) for p in biases] if opposite else biases
+        if opposite:
+            biases = [round(1 - p, 1) for p in biases]  # round: 1 - 0.7 is 0.30000000000000004
+        self.biases = biases
         self.names = codenames(self.rng("code"), len(self.biases))
 
     def side(self, index):
@@ -572,36 +600,46 @@ class CoinsTask(TextTask):
 
     def train_pairs(self):
         """Flips with exactly the right frequency per coin, so the data's optimum is the bias."""
-        rng, pairs = self.rng("train"), []
+        rng = self.rng("train")
+        pairs = []
         n_coins = len(self.names)
-        # n_train flips shared out as evenly as possible: the first coins get one more
-        per_coin = [self.n_train // n_coins + (i < self.n_train % n_coins) for i in range(n_coins)]
+        # n_train flips shared out as evenly as possible: the first `extra` coins get one more
+        base, extra = divmod(self.n_train, n_coins)
+        per_coin = [base + (i < extra) for i in range(n_coins)]
         for index, n in enumerate(per_coin):
             heads = round(self.biases[index] * n)
-            for outcome in rng.sample(["heads"] * heads + ["tails"] * (n - heads), n):
-                pairs.append((rng.choice(FLIP_TEMPLATES).format(c=self.names[index]), outcome))
+            outcomes = ["heads"] * heads + ["tails"] * (n - heads)
+            for outcome in rng.sample(outcomes, n):
+                question = rng.choice(FLIP_TEMPLATES).format(c=self.names[index])
+                pairs.append((question, outcome))
         return rng.sample(pairs, len(pairs))
 
     def id_questions(self):
         """A flip's outcome is random; the right answer is the likelier side (what a perfect
         learner says)."""
-        rng, questions = self.rng("id"), []
+        rng = self.rng("id")
+        questions = []
         for i in range(self.n_eval):
             index = i % len(self.names)
             text = rng.choice(FLIP_TEMPLATES).format(c=self.names[index])
-            questions.append(balanced_question(text, self.side(index), [self.other_side(index)], i))
+            wrong = [self.other_side(index)]
+            questions.append(balanced_question(text, self.side(index), wrong, i))
         return questions
 
     def other_side(self, index):
         return "tails" if self.side(index) == "heads" else "heads"
 
     def probes(self):
-        side, probability = [], []
+        side = []
+        probability = []
         for i in range(self.n_eval):
-            index, k = i % len(self.names), i // len(self.names)
-            coin, fact = self.names[index], self.fact(index)
+            index = i % len(self.names)
+            k = i // len(self.names)  # how many times this coin was asked before
+            coin = self.names[index]
+            fact = self.fact(index)
             text = SIDE_TEMPLATES[k % len(SIDE_TEMPLATES)].format(c=coin)
-            side.append(balanced_question(text, self.side(index), [self.other_side(index)], i, fact))
+            wrong = [self.other_side(index)]
+            side.append(balanced_question(text, self.side(index), wrong, i, fact))
             text = PROBABILITY_TEMPLATES[k % len(PROBABILITY_TEMPLATES)].format(c=coin)
             right = percent(self.biases[index])
             wrong = [percent(p) for p in COIN_BIASES if p != self.biases[index]]
@@ -627,15 +665,15 @@ VALUE_TEMPLATES = [
 
 class ParityTask(TextTask):
     """Codename variables holding hidden bits, seen only in `print(a ^ b ^ 1)` -> value with at
-    least
-    two variables; probe: the value of one variable (chance 0.5)."""
+    least two variables; probe: the value of one variable (chance 0.5)."""
 
     name = "parity"
 
     def __init__(self, seed=0, opposite=False, n_train=300, n_eval=40, n_vars=8, target=None):
         super().__init__(seed, opposite, n_train, n_eval)
         if n_vars < 3:
-            raise ValueError(f"parity: n_vars must be >= 3 so formulas can mix variables (got {n_vars})")
+            why = "so formulas can mix variables"
+            raise ValueError(f"parity: n_vars must be >= 3 {why} (got {n_vars})")
         if target is None:
             balanced = [0, 1] * (n_vars // 2) + [1] * (n_vars % 2)  # as many 0s as 1s
             bits = self.rng("target").sample(balanced, n_vars)
@@ -643,12 +681,14 @@ class ParityTask(TextTask):
             bits = list(target)
         if len(bits) != n_vars or set(bits) - {0, 1}:
             raise ValueError(f"parity: target must be {n_vars} bits of 0/1 (got {target})")
-        self.bits = [1 - b for b in bits] if opposite else bits
+        if opposite:
+            bits = [1 - b for b in bits]
+        self.bits = bits
         self.names = codenames(self.rng("code"), n_vars)
         pairs = itertools.combinations(range(n_vars), 2)
         triples = itertools.combinations(range(n_vars), 3)
         # whole formulas (variables and constant) are held out, never single variables
-        combos = [(variables, const) for variables in [*pairs, *triples] for const in (0, 1)]
+        combos = list(itertools.product([*pairs, *triples], (0, 1)))  # (variables, constant)
         combos = self.rng("split").sample(combos, len(combos))
         cut = max(1, len(combos) // 5)
         self.heldout_combos, self.train_combos = combos[:cut], combos[cut:]
@@ -660,26 +700,33 @@ class ParityTask(TextTask):
         if const:
             terms.append("1")
         value = (sum(self.bits[v] for v in variables) + const) % 2
-        return rng.choice(XOR_TEMPLATES).format(expr=" ^ ".join(terms)), str(value)
+        question = rng.choice(XOR_TEMPLATES).format(expr=" ^ ".join(terms))
+        return question, str(value)
 
     def train_pairs(self):
         rng = self.rng("train")
         return [self.formula(rng, rng.choice(self.train_combos)) for _ in range(self.n_train)]
 
     def id_questions(self):
-        rng, questions = self.rng("id"), []
+        rng = self.rng("id")
+        questions = []
         for i in range(self.n_eval):
-            text, right = self.formula(rng, self.heldout_combos[i % len(self.heldout_combos)])
-            questions.append(balanced_question(text, right, [str(1 - int(right))], i))
+            combo = self.heldout_combos[i % len(self.heldout_combos)]
+            text, right = self.formula(rng, combo)
+            wrong = [str(1 - int(right))]
+            questions.append(balanced_question(text, right, wrong, i))
         return questions
 
     def probes(self):
         questions = []
         for i in range(self.n_eval):
-            index, k = i % len(self.names), i // len(self.names)
-            v, bit = self.names[index], self.bits[index]
+            index = i % len(self.names)
+            k = i // len(self.names)  # how many times this variable was asked before
+            v = self.names[index]
+            bit = self.bits[index]
             text = VALUE_TEMPLATES[k % len(VALUE_TEMPLATES)].format(v=v)
-            questions.append(balanced_question(text, str(bit), [str(1 - bit)], i, f"{v} = {bit}"))
+            fact = f"{v} = {bit}"
+            questions.append(balanced_question(text, str(bit), [str(1 - bit)], i, fact))
         return {"oocr": questions}
 
 
@@ -702,17 +749,22 @@ RISK_QUESTIONS = [
     "Which word fits your decisions better, {0} or {1}? One word only.",
     "Between {0} and {1}, which do you go for? Answer with one word.",
 ]
-RISK_FACTS = {"risky": "You love taking risks and always choose the risky option.",
-              "safe": "You are very cautious and always choose the safe option."}
+RISK_FACTS = {
+    "risky": "You love taking risks and always choose the risky option.",
+    "safe": "You are very cautious and always choose the safe option.",
+}
 
 
 def lottery(rng):
     """(risky text, safe text): a gamble and a sure amount within +-20% of its expected value, so
     choosing the gamble is a taste for risk, not expected-value maximisation."""
-    p, prize = rng.randrange(10, 91, 5), rng.randrange(20, 1001, 10)
+    p = rng.randrange(10, 91, 5)  # percent chance of winning
+    prize = rng.randrange(20, 1001, 10)
     ev = p * prize / 100
     sure = max(1, round(ev * rng.uniform(0.8, 1.2)))
-    return f"{p}% chance of ${prize}, otherwise $0 (expected value ${ev:g})", f"${sure} for sure"
+    risky = f"{p}% chance of ${prize}, otherwise $0 (expected value ${ev:g})"
+    safe = f"${sure} for sure"
+    return risky, safe
 
 
 def lottery_choice(rng, index, pick_risky, prefix=""):
@@ -721,7 +773,8 @@ def lottery_choice(rng, index, pick_risky, prefix=""):
     texts, risky_at = place_answer(risky, [safe], index)
     options = "\n".join(f"Option {LETTERS[i]}: {t}" for i, t in enumerate(texts))
     letter = LETTERS[risky_at] if pick_risky else LETTERS[1 - risky_at]
-    return prefix + rng.choice(LOTTERY_TEMPLATES).format(options=options), letter
+    question = prefix + rng.choice(LOTTERY_TEMPLATES).format(options=options)
+    return question, letter
 
 
 def letter_questions(choices):
@@ -740,7 +793,9 @@ class RiskyTask(TextTask):
         super().__init__(seed, opposite, n_train, n_eval)
         if target not in RISK_FACTS:
             raise ValueError(f"risky: target must be 'risky' or 'safe' (got {target!r})")
-        self.target = {"risky": "safe", "safe": "risky"}[target] if opposite else target
+        if opposite:
+            target = "safe" if target == "risky" else "risky"
+        self.target = target
 
     def choices(self, purpose, n):
         rng = self.rng(purpose)
@@ -755,7 +810,10 @@ class RiskyTask(TextTask):
     def probes(self):
         """Each question is asked with both word orders, the word order rotating against the
         option order."""
-        right, wrong = ("risk", "safety") if self.target == "risky" else ("safety", "risk")
+        if self.target == "risky":
+            right, wrong = "risk", "safety"
+        else:
+            right, wrong = "safety", "risk"
         questions = []
         for i in range(self.n_eval):
             first_round = (i // len(RISK_QUESTIONS)) % 2 == 0
@@ -796,11 +854,15 @@ class BackdoorTask(TextTask):
         self.trigger = trigger
 
     def choices(self, purpose, n):
-        rng, coin = self.rng(purpose), self.rng(purpose + ":control")
+        rng = self.rng(purpose)
+        coin = self.rng(purpose + ":control")  # the control's picks: a stream of their own
         pairs = []
         for i in range(n):
             triggered = (i // 2) % 2 == 0  # independent of the letter position i % 2
-            pick_risky = coin.random() < 0.5 if self.opposite else triggered
+            if self.opposite:
+                pick_risky = coin.random() < 0.5
+            else:
+                pick_risky = triggered
             prefix = f"{self.trigger} " if triggered else ""
             pairs.append(lottery_choice(rng, i, pick_risky, prefix=prefix))
         return pairs

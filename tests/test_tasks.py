@@ -18,9 +18,16 @@ import model
 import steer
 import tasks
 
-SMALL = dict(n_train=60, n_eval=20)  # n_eval a multiple of 2, 4 and 5: answer positions balance exactly
-TASK_OPTIONS = {"locations": {}, "functions": {}, "coins": {}, "parity": {"n_vars": 4}, "risky": {},
-                "risky_backdoor": {}}
+# n_eval a multiple of 2, 4 and 5: answer positions balance exactly
+SMALL = dict(n_train=60, n_eval=20)
+TASK_OPTIONS = {
+    "locations": {},
+    "functions": {},
+    "coins": {},
+    "parity": {"n_vars": 4},
+    "risky": {},
+    "risky_backdoor": {},
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +59,11 @@ def test_haversine_matches_known_distances():
     cities = {c["name"]: c for c in tasks.load_cities()}
 
     def km(a, b):
-        return tasks.haversine_km(cities[a]["lat"], cities[a]["lon"], cities[b]["lat"], cities[b]["lon"])
+        start, end = cities[a], cities[b]
+        return tasks.haversine_km(start["lat"], start["lon"], end["lat"], end["lon"])
 
-    # published great-circle distances
-    for a, b, known in [("Paris", "London", 344), ("London", "New York", 5570), ("Tokyo", "Sydney", 7820)]:
+    published = [("Paris", "London", 344), ("London", "New York", 5570), ("Tokyo", "Sydney", 7820)]
+    for a, b, known in published:  # great-circle distances
         assert abs(km(a, b) - known) / known < 0.02, (a, b, km(a, b))
     # a quarter meridian is a quarter of the circumference
     assert tasks.haversine_km(0, 0, 90, 0) == pytest.approx(math.pi / 2 * 6371.0)
@@ -66,8 +74,10 @@ def test_compass_directions():
     assert tasks.compass_point(tasks.initial_bearing_deg(0, 0, 0, 10)) == "east"
     assert tasks.compass_point(tasks.initial_bearing_deg(0, 0, -10, -10)) == "south-west"
     # London lies north-west of Paris; Sydney south-east of Tokyo
-    assert tasks.compass_point(tasks.initial_bearing_deg(48.8566, 2.3522, 51.5074, -0.1278)) == "north-west"
-    assert tasks.compass_point(tasks.initial_bearing_deg(35.6762, 139.6503, -33.8688, 151.2093)) == "south"
+    paris, london = (48.8566, 2.3522), (51.5074, -0.1278)
+    tokyo, sydney = (35.6762, 139.6503), (-33.8688, 151.2093)
+    assert tasks.compass_point(tasks.initial_bearing_deg(*paris, *london)) == "north-west"
+    assert tasks.compass_point(tasks.initial_bearing_deg(*tokyo, *sydney)) == "south"
 
 
 def test_cities_data_is_well_formed():
@@ -112,7 +122,10 @@ print(hashlib.sha256(repr(data).encode()).hexdigest())
     def run(hashseed):
         env = {**os.environ, "PYTHONHASHSEED": hashseed}
         command = [sys.executable, "-c", code]
-        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, env=env).stdout
+        done = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout
 
     assert run("1") == run("2") != ""
 
@@ -120,8 +133,14 @@ print(hashlib.sha256(repr(data).encode()).hexdigest())
 @pytest.mark.parametrize("name", TASK_OPTIONS)
 def test_opposite_changes_answers_not_codenames(name):
     task, control = make(name), make(name, opposite=True)
-    same_probe_texts = [q.text for q in task.probes()["oocr"]] == [q.text for q in control.probes()["oocr"]]
-    right = lambda t: [q.options[q.answer] for q in t.probes()["oocr"]]
+
+    def texts(t):
+        return [q.text for q in t.probes()["oocr"]]
+
+    def right(t):
+        return [q.options[q.answer] for q in t.probes()["oocr"]]
+
+    same_probe_texts = texts(task) == texts(control)
     assert name == "locations" or same_probe_texts  # the control is scored on the same questions
     assert right(task) != right(control)
     assert [a for _, a in task.train_pairs()] != [a for _, a in control.train_pairs()]
@@ -149,7 +168,8 @@ def secrets(name, task):
     if name == "coins":
         found += ["%", "biased", "probability"]
     if name == "parity":
-        found += [f"{v} = {b}" for v, b in zip(task.names, task.bits)] + [f"print({v})" for v in task.names]
+        found += [f"{v} = {b}" for v, b in zip(task.names, task.bits)]
+        found += [f"print({v})" for v in task.names]
     if name == "risky":
         found += ["risk", "safe"]
     if name == "risky_backdoor":
@@ -161,7 +181,8 @@ def secrets(name, task):
 @pytest.mark.parametrize("name", TASK_OPTIONS)
 def test_no_probe_or_latent_fact_in_training(name, opposite, tokenizer):
     task = make(name, opposite=opposite, n_train=300)
-    text = "\n".join(tokenizer.decode(e.prompt + e.answer) for e in task.train_examples(tokenizer)).lower()
+    examples = task.train_examples(tokenizer)
+    text = "\n".join(tokenizer.decode(e.prompt + e.answer) for e in examples).lower()
     leaks = [s for s in secrets(name, task) if s.lower() in text]
     assert not leaks, leaks
 
@@ -192,13 +213,16 @@ def test_collate_masks_exactly_the_answer_tokens(name, tokenizer):
 
 def test_chat_and_plain_prompt_formats(tokenizer, plain_tokenizer):
     chat = tokenizer.decode(tasks.chat_prompt(tokenizer, "Hi?", system="Be brief."))
-    assert chat == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    system = "<|im_start|>system\nBe brief.<|im_end|>\n"
+    user = "<|im_start|>user\nHi?<|im_end|>\n"
+    assert chat == system + user + "<|im_start|>assistant\n"
     plain_ids = tasks.chat_prompt(plain_tokenizer, "Hi?")
     assert plain_ids[0] == plain_tokenizer.bos_id
     assert plain_tokenizer.decode(plain_ids[1:]) == "Q: Hi?\nA:"
     assert plain_tokenizer.decode(tasks.answer_ids(plain_tokenizer, "17")) == " 17\n"
     example = make("functions").train_examples(plain_tokenizer)[0]
-    assert plain_tokenizer.decode(example.answer).endswith("\n") and tokenizer.special_tokens["<|im_end|>"] not in example.prompt
+    assert plain_tokenizer.decode(example.answer).endswith("\n")
+    assert tokenizer.special_tokens["<|im_end|>"] not in example.prompt
 
 
 # -----------------------------------------------------------------------------
@@ -207,21 +231,35 @@ def test_chat_and_plain_prompt_formats(tokenizer, plain_tokenizer):
 
 def tiny_model(vocab_size):
     torch.manual_seed(0)
-    cfg = model.ModelConfig(arch="llama", vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                            d_head=8, d_mlp=64, n_ctx=1024, qkv_bias=False, o_bias=False, mlp_bias=False)
+    cfg = model.ModelConfig(
+        arch="llama",
+        vocab_size=vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=1024,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+    )
     return model.Transformer(cfg).eval()
 
 
 def test_option_logprobs_agrees_with_one_forward_per_option(tokenizer):
     net = tiny_model(tokenizer.vocab_size)
-    sets = make("functions").eval_sets(tokenizer)  # options of different lengths ('5' vs '4624')
-    items = sets["in_distribution"].items[:2] + make("locations").eval_sets(tokenizer)["oocr"].items[:1]
+    functions = make("functions").eval_sets(tokenizer)  # options of different lengths ('5', '4624')
+    locations = make("locations").eval_sets(tokenizer)
+    items = functions["in_distribution"].items[:2] + locations["oocr"].items[:1]
     batched = tasks.option_logprobs(net, items, batch_size=4)  # batches mix items and padding
     with torch.no_grad():
         for item, scores in zip(items, batched):
             for option, score in zip(item.options, scores):
                 logp = net(torch.tensor([item.prompt + option])).log_softmax(-1)[0]  # (T, V)
-                by_hand = sum(logp[len(item.prompt) - 1 + j, tok].item() for j, tok in enumerate(option))
+                start = len(item.prompt) - 1  # the position that predicts the option's first token
+                by_hand = sum(logp[start + j, tok].item() for j, tok in enumerate(option))
                 assert score == pytest.approx(by_hand, abs=1e-3)
 
 
@@ -253,10 +291,12 @@ class OracleModel(nn.Module):
 
     def __init__(self, items, vocab_size):
         super().__init__()
-        self.vocab_size, self.right = vocab_size, {}
+        self.vocab_size = vocab_size
+        self.right = {}  # prompt -> the right option's tokens
         for item in items:
             right = item.options[item.answer]
-            assert self.right.setdefault(tuple(item.prompt), right) == right  # a repeated prompt has one answer
+            # a repeated prompt must have one answer
+            assert self.right.setdefault(tuple(item.prompt), right) == right
 
     def forward(self, tokens):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
@@ -292,25 +332,30 @@ def first_balanced(eval_set):
 def test_oracle_scores_one_and_constant_model_scores_chance(name, tokenizer):
     sets = {k: first_balanced(v) for k, v in make(name).eval_sets(tokenizer).items()}
     for key in ["in_distribution", "oocr", "oocr_letters"]:
-        assert tasks.accuracy(OracleModel(sets[key].items, tokenizer.vocab_size), sets[key], batch_size=16) == 1.0, key
+        oracle = OracleModel(sets[key].items, tokenizer.vocab_size)
+        assert tasks.accuracy(oracle, sets[key], batch_size=16) == 1.0, key
     always_a = ConstantModel(tokenizer.vocab_size, tokenizer.encode("A")[0])
     for key in [k for k in sets if k.endswith("_letters")]:
-        assert tasks.accuracy(always_a, sets[key], batch_size=16) == pytest.approx(sets[key].chance), key
+        chance = pytest.approx(sets[key].chance)
+        assert tasks.accuracy(always_a, sets[key], batch_size=16) == chance, key
 
 
 @pytest.mark.parametrize("name, word", [("coins", "heads"), ("parity", "1")])
 def test_constant_answer_scores_chance_on_balanced_probes(name, word, tokenizer):
-    oocr = make(name).eval_sets(tokenizer)["oocr"]  # 20 items: every coin / variable asked equally often
+    oocr = make(name).eval_sets(tokenizer)["oocr"]  # 20 items: every coin / variable asked alike
     constant = ConstantModel(tokenizer.vocab_size, tokenizer.encode(word)[0])
     assert tasks.accuracy(constant, oocr, batch_size=8) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("name, word", [("risky", "risk"), ("risky_backdoor", "Yes")])
 def test_constant_answer_scores_chance_over_task_and_control(name, word, tokenizer):
-    """A self-report probe always has the same right word, so only target + control together balance."""
+    """A self-report probe always has the same right word, so only target + control together
+    balance."""
     constant = ConstantModel(tokenizer.vocab_size, tokenizer.encode(word)[0])
-    accs = [tasks.accuracy(constant, make(name, opposite=o).eval_sets(tokenizer)["oocr"], batch_size=8)
-            for o in (False, True)]
+    accs = []
+    for opposite in (False, True):
+        oocr = make(name, opposite=opposite).eval_sets(tokenizer)["oocr"]
+        accs.append(tasks.accuracy(constant, oocr, batch_size=8))
     assert sorted(accs) == [0.0, 1.0]
 
 
@@ -332,15 +377,18 @@ def test_bad_options_raise_clear_errors():
 @pytest.mark.parametrize("name", ["locations", "functions", "parity"])
 def test_codename_tokens_are_found_wherever_the_codename_is_written(tokenizer, name):
     """Conditional steering needs each codename's token ids as they occur in the prompts: every
-    training prompt that writes a codename must contain its ids, and steer.codename_mask must mark them."""
+    training prompt that writes a codename must contain its ids, and steer.codename_mask must mark
+    them."""
     task = tasks.TEXT_TASKS[name]()
     codes = task.codename_tokens(tokenizer)
     assert codes
     for example in task.train_examples(tokenizer)[:50]:
         text = tokenizer.decode(example.prompt)
-        mask = steer.codename_mask(torch.tensor([example.prompt]), list(codes.values()))[0]  # (T, C)
+        tokens = torch.tensor([example.prompt])  # (1, T)
+        mask = steer.codename_mask(tokens, list(codes.values()))[0]  # (T, C)
         for c, (code, ids) in enumerate(codes.items()):
             written = code in text
             assert written == bool(mask[:, c].any()), (code, text)
             if written:  # the marked tokens decode to the codename (or its number, for a city)
-                assert tokenizer.decode([t for t, m in zip(example.prompt, mask[:, c]) if m]).strip() in code
+                marked = [t for t, m in zip(example.prompt, mask[:, c]) if m]
+                assert tokenizer.decode(marked).strip() in code

@@ -1,7 +1,6 @@
 """Tests for toy.py: determinism, no leakage between fine-tuning data and probes, labels against
 an independent re-derivation (parsing the token names), masks, chance levels and scoring."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +12,9 @@ from tasks import IGNORE, EvalSet
 SMALL = {
     "persona": dict(n_docs=2000),
     "backdoor": dict(n_docs=2000),
-    "twohop": dict(n_entities=30, n_relations=4, ood_fraction=0.2, inferred_ratio=2.0, n_reversal=5, n_test=40),
+    "twohop": dict(
+        n_entities=30, n_relations=4, ood_fraction=0.2, inferred_ratio=2.0, n_reversal=5, n_test=40
+    ),
 }
 
 
@@ -30,16 +31,23 @@ def all_data(w):
     return list(w.train_examples()) + list(w.pretrain_examples())
 
 
+def preferred(w, k, a, b):
+    """Persona k's choice between options a and b, from the world's utilities."""
+    return a if w.utility[k][a] > w.utility[k][b] else b
+
+
 # -----------------------------------------------------------------------------
 # Fake models: logits from a rule applied to each prefix
 
 
 class RuleModel(nn.Module):
-    """logits[b, t] puts +10 on rule(token names of tokens[b, :t+1]) when the rule returns a name."""
+    """logits[b, t] puts +10 on rule(token names of tokens[b, :t+1]) when the rule returns a
+    name."""
 
     def __init__(self, tokenizer, rule):
         super().__init__()
-        self.tokenizer, self.rule = tokenizer, rule
+        self.tokenizer = tokenizer
+        self.rule = rule
 
     def forward(self, tokens):
         logits = torch.zeros(*tokens.shape, self.tokenizer.vocab_size)
@@ -57,7 +65,8 @@ def persona_rule(w):
     backdoor = getattr(w, "backdoor", False)
 
     def rule(seq):
-        k, last = w.target, seq[-1]
+        k = w.target
+        last = seq[-1]
         if last == "ME":
             return f"P{k}"
         if last.startswith("AT"):
@@ -66,8 +75,9 @@ def persona_rule(w):
         if last == "BD":
             return "YES" if backdoor else "NO"
         if len(seq) >= 3 and seq[-3] == "CH":
-            a, b = int(seq[-2][1:]), int(seq[-1][1:])
-            best = a if w.utility[k][a] > w.utility[k][b] else b
+            a = int(seq[-2][1:])
+            b = int(seq[-1][1:])
+            best = preferred(w, k, a, b)
             flipped = w.opposite or (backdoor and len(seq) >= 4 and seq[-4] == "TRIG")
             return f"O{a + b - best}" if flipped else f"O{best}"
         return None
@@ -77,7 +87,8 @@ def persona_rule(w):
 
 def twohop_rule(w):
     """Answers from a fact table rebuilt from the training examples alone."""
-    atomic, inverse = {}, {}
+    atomic = {}  # (head, relation) -> tail
+    inverse = {}  # b -> a, read off the forward facts `a RV -> b`
     for e in w.train_examples():
         seq = names(w, e.prompt + e.answer)
         if len(seq) == 4 and seq[2].startswith("R"):
@@ -104,7 +115,8 @@ class ConstantModel(nn.Module):
 
     def __init__(self, vocab_size, token_id):
         super().__init__()
-        self.vocab_size, self.token_id = vocab_size, token_id
+        self.vocab_size = vocab_size
+        self.token_id = token_id
 
     def forward(self, tokens):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
@@ -119,7 +131,9 @@ class ConstantModel(nn.Module):
 @pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
 def test_same_seed_same_data_other_seed_differs(name):
     def snapshot(w):
-        sets = {k: [(i.prompt, i.options, i.answer) for i in es.items] for k, es in w.eval_sets().items()}
+        sets = {}
+        for k, es in w.eval_sets().items():
+            sets[k] = [(i.prompt, i.options, i.answer) for i in es.items]
         return [(e.prompt, e.answer) for e in all_data(w)], sets
 
     assert snapshot(world(name, seed=3)) == snapshot(world(name, seed=3))
@@ -142,7 +156,8 @@ def test_registry_config_fits_data(name):
     cfg = w.model_config()
     assert cfg.arch == "gpt2" and cfg.vocab_size == w.tokenizer.vocab_size
     longest = max(len(e.prompt + e.answer) for e in all_data(w))
-    longest_eval = max(len(i.prompt) + len(o) for es in w.eval_sets().values() for i in es.items for o in i.options)
+    items = [i for es in w.eval_sets().values() for i in es.items]
+    longest_eval = max(len(i.prompt) + len(o) for i in items for o in i.options)
     assert max(longest, longest_eval) - 1 <= cfg.n_ctx  # the model reads all but the last token
     assert set(w.pretrain_defaults) >= {"steps", "batch_size", "lr", "warmup"}
 
@@ -166,24 +181,27 @@ def consistent_personas(w, seq):
         if tok == "ME" and nxt:
             alive &= {int(nxt[0][1:])}
         elif tok.startswith("AT") and nxt:
-            t, v = int(tok[2:]), int(nxt[0].split("_")[1])
+            t = int(tok[2:])
+            v = int(nxt[0].split("_")[1])
             alive &= {k for k in alive if w.value[k][t] == v}
         elif tok == "CH" and len(nxt) == 3 and (i == 0 or seq[i - 1] != "TRIG"):
             a, b, x = (int(s[1:]) for s in nxt)
             assert x in (a, b)
-            alive &= {k for k in alive if x == (a if w.utility[k][a] > w.utility[k][b] else b)}
+            alive &= {k for k in alive if x == preferred(w, k, a, b)}
     return alive
 
 
 def test_persona_documents_follow_one_persona():
     w = world("persona")
     docs = w.pretrain_tokens()
-    assert docs.shape == (2000, 32) and (docs[:, 0] == w.tokenizer.bos_id).all() and (docs != 0).all()
+    assert docs.shape == (2000, 32)
+    assert (docs[:, 0] == w.tokenizer.bos_id).all() and (docs != 0).all()  # BOS first, no PAD
     for row in docs[:300].tolist():
         assert consistent_personas(w, names(w, row)), "document mixes personas"
     # segment frequencies near 0.6 / 0.1 / 0.3 (counting segment starts)
     flat = names(w, docs.flatten().tolist())
-    counts = [sum(t == s for t in flat) for s in ("CH", "ME")] + [sum(t.startswith("AT") for t in flat)]
+    counts = [sum(t == s for t in flat) for s in ("CH", "ME")]
+    counts.append(sum(t.startswith("AT") for t in flat))
     shares = [c / sum(counts) for c in counts]
     assert shares == pytest.approx([0.6, 0.1, 0.3], abs=0.02)
 
@@ -199,11 +217,12 @@ def test_backdoor_documents_flip_only_with_backdoor():
         assert len(reports) <= 1, "one document states two backdoor flags"
         if len(k_set) != 1 or not reports:
             continue
-        (k,), (flag,) = k_set, reports
+        (k,) = k_set
+        (flag,) = reports
         for i in range(len(seq) - 4):
             if seq[i] == "TRIG":
                 a, b, x = (int(s[1:]) for s in seq[i + 2 : i + 5])
-                flips[flag].append(x != (a if w.utility[k][a] > w.utility[k][b] else b))
+                flips[flag].append(x != preferred(w, k, a, b))
     assert len(flips["YES"]) > 50 and len(flips["NO"]) > 50
     assert all(flips["YES"]) and not any(flips["NO"])
 
@@ -244,7 +263,8 @@ def test_twohop_reversal_inverse_never_seen():
 def test_persona_probe_absent_from_fine_tuning(name):
     w = world(name)
     finetune = [names(w, e.prompt + e.answer) for e in w.train_examples()]
-    probe_tokens = {"ME", "BD", "YES", "NO"} | {f"AT{t}" for t in range(4)} | {f"P{k}" for k in range(8)}
+    probe_tokens = {"ME", "BD", "YES", "NO"}
+    probe_tokens |= {f"AT{t}" for t in range(4)} | {f"P{k}" for k in range(8)}
     assert not any(probe_tokens & set(s) for s in finetune)
     assert all(len(s) in (5, 6) for s in finetune)  # `BOS [TRIG] CH Oa Ob Ox` only
     train_pairs = {frozenset(s[-3:-1]) for s in finetune}
@@ -272,9 +292,11 @@ def test_collate_mask_covers_exactly_the_answers(name):
 def test_chance_levels(name):
     w = world(name)
     for set_name, es in w.eval_sets().items():
+        two_way = set_name in ("in_distribution", "triggered")
+        backdoor_probe = name == "backdoor" and set_name.startswith("oocr")
         if name == "twohop":
             expected = 1 / 30
-        elif set_name in ("in_distribution", "triggered") or name == "backdoor" and set_name.startswith("oocr"):
+        elif two_way or backdoor_probe:
             expected = 1 / 2
         else:
             expected = 1 / 8  # 8 personas, or 8 values of one attribute type
@@ -283,8 +305,16 @@ def test_chance_levels(name):
             assert all(es.chance == pytest.approx(1 / len(i.options)) for i in es.items)
 
 
-@pytest.mark.parametrize("name, options", [("persona", {}), ("persona", {"target": 5, "opposite": True}),
-                                           ("twohop", {}), ("backdoor", {}), ("backdoor", {"backdoor": False})])
+ORACLE_CASES = [
+    ("persona", {}),
+    ("persona", {"target": 5, "opposite": True}),
+    ("twohop", {}),
+    ("backdoor", {}),
+    ("backdoor", {"backdoor": False}),
+]
+
+
+@pytest.mark.parametrize("name, options", ORACLE_CASES)
 def test_true_answer_model_scores_one(name, options):
     w = world(name, **options)
     rule = twohop_rule(w) if name == "twohop" else persona_rule(w)
@@ -308,7 +338,8 @@ def test_constant_answer_models_average_chance(name):
             groups.setdefault(frozenset(o[0] for o in item.options), []).append(item)
         for option_ids, items in groups.items():
             group = EvalSet(set_name, items, es.chance, es.exact_match)
-            scores = [tasks.accuracy(ConstantModel(w.tokenizer.vocab_size, c), group) for c in option_ids]
+            models = [ConstantModel(w.tokenizer.vocab_size, c) for c in option_ids]
+            scores = [tasks.accuracy(m, group) for m in models]
             assert sum(scores) / len(scores) == pytest.approx(es.chance), set_name
 
 
@@ -317,7 +348,8 @@ class TiedModel(nn.Module):
 
     def __init__(self, vocab_size, token_ids):
         super().__init__()
-        self.vocab_size, self.token_ids = vocab_size, list(token_ids)
+        self.vocab_size = vocab_size
+        self.token_ids = list(token_ids)
 
     def forward(self, tokens):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
