@@ -113,11 +113,12 @@ class TrainConfig:
                         choices=["full", "lora", "steer"])
     task: str = flag("persona", "a toy world (toy.py) or an OOCR text task (tasks.py)",
                      choices=sorted(all_tasks()))
-    model: str = flag("toy", "toy (the task's model, pretrained: shipped or cached) | scratch "
-                      "(untrained: pretraining) | smollm2-135m | an HF checkpoint dir | a .gguf file")
+    model: str = flag("toy", "toy (the task's model, pretrained: shipped or cached) | "
+                      "scratch (untrained: pretraining) | smollm2-135m | "
+                      "an HF checkpoint dir | a .gguf file")
     task_options: dict = field(default_factory=dict)  # from --target, --opposite: {"target": 3}
-    layers: list | None = flag(None, "blocks for the steering vector or the LoRA: one (--layer 12), "
-                               "comma-separated, or 'all'", type=layer_list,
+    layers: list | None = flag(None, "blocks for the steering vector or the LoRA: "
+                               "one (--layer 12), comma-separated, or 'all'", type=layer_list,
                                shown="steer: the middle block; lora: all blocks")
     lora_rank: int = flag(4, "LoRA rank r", type=positive_int)
     lora_alpha: float = flag(8.0, "LoRA alpha; the update is scaled by alpha / r", type=float)
@@ -187,7 +188,8 @@ def add_flag(parser, config_field):
 
 
 def build_parser():
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter  # keeps the docstring's examples as written
+    parser = OneLineParser(description=__doc__, formatter_class=formatter)
     for config_field in fields(TrainConfig):
         if "help" in config_field.metadata:
             add_flag(parser, config_field)
@@ -223,7 +225,8 @@ def check_flags(cfg):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     steer.parse_positions(cfg.positions)
     if cfg.positions == "last":  # right-padded batches have no per-row last prompt position
-        raise ValueError("--positions last is for single prompts (steer.py: apply(prompt_lengths=...)); "
+        raise ValueError("--positions last is for single prompts "
+                         "(steer.py: apply(prompt_lengths=...)); "
                          "train with all, from:K, codename or adaptive")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError("--lora-dropout must be in [0, 1)")
@@ -244,9 +247,10 @@ def is_toy(cfg):
 
 
 def with_defaults(cfg):
-    """Fill what depends on the adapter and the model: small toy models train full-batch and longer;
-    a real model's residual stream is ~10x larger, so its steering vector needs a larger lr (at 1e-2,
-    SmolLM2's vector had not learned the risky choices after 100 steps; at 1e-1 it reached 1.00)."""
+    """Fill what depends on the adapter and the model: small toy models train full-batch and
+    longer; a real model's residual stream is ~10x larger, so its steering vector needs a larger
+    lr (at 1e-2, SmolLM2's vector had not learned the risky choices after 100 steps; at 1e-1 it
+    reached 1.00)."""
     default_lr = {"steer": 1e-2 if is_toy(cfg) else 1e-1, "lora": 1e-3, "full": 3e-4}[cfg.adapter]
     return replace(
         cfg,
@@ -310,7 +314,12 @@ def toy_cache_dir(cfg, task):
     """Pretraining depends on the world (task, seed, size) and the recipe, not on the fine-tuning
     target, so one cached model serves every target."""
     world_options = {k: v for k, v in target_options(cfg).items() if k != "target"}
-    recipe = [task.model_config().to_dict(), task.pretrain_defaults, cfg.pretrain_steps, world_options]
+    recipe = [
+        task.model_config().to_dict(),
+        task.pretrain_defaults,
+        cfg.pretrain_steps,
+        world_options,
+    ]
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(cfg.cache_dir, f"{cfg.task}-seed{cfg.seed}-{digest}")
 
@@ -355,12 +364,14 @@ def pretrain_toy_model(cfg, task):
     """Pretrain the toy world's model into the cache, unless it is there already."""
     if not os.path.exists(os.path.join(toy_model_dir(cfg, task), "model.safetensors")):
         pretraining = pretrain_config(cfg, task)
-        print(f"pretraining the {cfg.task} world's model from scratch (cached in {pretraining.out})")
+        print(f"pretraining the {cfg.task} world's model from scratch "
+              f"(cached in {pretraining.out})")
         run(pretraining)
 
 
 def base_model(cfg, task, device):
-    """-> (model, tokenizer): a fresh toy model, the shipped or cached pretrained one, or a checkpoint."""
+    """-> (model, tokenizer): a fresh toy model, the shipped or cached pretrained one, or a
+    checkpoint."""
     if cfg.model == "scratch":
         return Transformer(task.model_config()).to(device), task.tokenizer
     path = toy_model_dir(cfg, task) if cfg.model == "toy" else cfg.model
@@ -542,15 +553,21 @@ def device_of(model):
     return str(next(model.parameters()).device)
 
 
-def train_step(step, cfg, model, adapter, optimizer, data):
-    """One optimizer step over grad_accum micro-batches -> (loss, tokens seen)."""
-    total, n_tokens = 0.0, 0
-    device = device_of(model)
-    optimizer.zero_grad(set_to_none=True)
+def micro_batches(step, cfg, data):
+    """The grad_accum (tokens, targets) micro-batches of optimizer step `step`."""
     for micro in range(cfg.grad_accum):
         micro_step = step * cfg.grad_accum + micro
         idx = batch_indices(micro_step, cfg.batch_size, len(data.examples), cfg.seed)
-        tokens, targets = tasks.collate([data.examples[i] for i in idx], data.pad_id)
+        yield tasks.collate([data.examples[i] for i in idx], data.pad_id)
+
+
+def train_step(cfg, model, optimizer, batches):
+    """One optimizer step over the micro-batches -> (loss, tokens seen). The optimizer holds
+    exactly the trainable parameters: those are the ones clipped."""
+    total, n_tokens = 0.0, 0
+    device = device_of(model)
+    optimizer.zero_grad(set_to_none=True)
+    for tokens, targets in batches:
         with autocast(cfg, device):
             logits = model(tokens.to(device))
             loss = tasks.answer_loss(logits, targets.to(device)) / cfg.grad_accum
@@ -560,7 +577,8 @@ def train_step(step, cfg, model, adapter, optimizer, data):
     if not math.isfinite(total):
         return total, n_tokens
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for _, p in adapter.named_parameters()], cfg.grad_clip)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
     return total, n_tokens
 
@@ -595,7 +613,8 @@ class StopRequest:
 
 def train(cfg, model, adapter, data, on_step=None):
     """The training loop -> history {"loss": [[step, loss]], "eval": [[step, {name: acc}]]}.
-    Resumes from cfg.out's checkpoint with --resume; on_step(step, loss) is called after each step."""
+    Resumes from cfg.out's checkpoint with --resume; on_step(step, loss) is called after each
+    step."""
     optimizer = torch.optim.AdamW([p for _, p in adapter.named_parameters()], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
@@ -611,7 +630,8 @@ def train(cfg, model, adapter, data, on_step=None):
         while step < cfg.steps and not stop.requested:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss, n_tokens = train_step(step, cfg, model, adapter, optimizer, data)
+            batches = micro_batches(step, cfg, data)
+            loss, n_tokens = train_step(cfg, model, optimizer, batches)
             if not math.isfinite(loss):
                 where = "none written yet" if saved_step is None else f"{ckpt} (step {saved_step})"
                 raise RunError(f"loss became {loss} at step {step}; stopped. "
@@ -624,7 +644,8 @@ def train(cfg, model, adapter, data, on_step=None):
             bar.update(1)
             if on_step is not None:
                 on_step(step, loss)
-            if step % cfg.eval_every == 0 and step < cfg.steps:  # the last step gets run()'s final eval
+            # the last step gets run()'s final eval instead
+            if step % cfg.eval_every == 0 and step < cfg.steps:
                 accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
@@ -695,7 +716,9 @@ def run(cfg, on_step=None):
     # a control (--opposite) trains on the opposite answers but is scored on the target's eval
     # sets, so its numbers are the share of target answers, on the target run's scale
     eval_task = make_task(replace(cfg, task_options=target_options(cfg)))
-    data = Data(examples, eval_task.eval_sets(tokenizer), pad_id=getattr(tokenizer, "pad_id", 0))
+    # right padding, after the answer: a toy world pads with its own pad token, a text task with 0
+    pad_id = tokenizer.pad_id if is_toy(cfg) else 0
+    data = Data(examples, eval_task.eval_sets(tokenizer), pad_id=pad_id)
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 

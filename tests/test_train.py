@@ -74,11 +74,13 @@ def test_metrics_json_schema(short_default):
     cfg, _ = short_default
     m = read_json(os.path.join(cfg.out, "metrics.json"))
     assert isinstance(m["task"], str) and isinstance(m["model"], str) and m["adapter"] == "steer"
-    assert isinstance(m["steps"], int) and isinstance(m["seconds"], float) and m["trainable_params"] == 64
+    assert isinstance(m["steps"], int) and isinstance(m["seconds"], float)
+    assert m["trainable_params"] == 64
     for section in (m["chance"], m["eval"]["base"], m["eval"]["final"]):
         assert {"in_distribution", "oocr"} <= set(section)
         assert all(isinstance(v, float) for v in section.values())
-    for name in ("config.json", "steering_vector.safetensors", "curves.png", "checkpoint.safetensors"):
+    files = ("config.json", "steering_vector.safetensors", "curves.png", "checkpoint.safetensors")
+    for name in files:
         assert os.path.getsize(os.path.join(cfg.out, name)) > 0
     with open(os.path.join(cfg.out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -116,7 +118,8 @@ def load_run_model(cfg, adapter):
 @pytest.mark.parametrize("adapter", ["full", "lora", "steer"])
 def test_every_adapter_lowers_training_loss(short_default, tmp_path, adapter):
     cfg, _ = short_default
-    run_cfg = config(tmp_path, adapter, adapter=adapter, model=toy_checkpoint(cfg), steps=40, layers=[1])
+    run_cfg = config(tmp_path, adapter, adapter=adapter, model=toy_checkpoint(cfg), steps=40,
+                     layers=[1])
     m = train.run(run_cfg)
     losses = [loss for _, loss in m["history"]["loss"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
@@ -139,9 +142,11 @@ def interrupt_at(step_to_stop):
 
 def test_resume_equals_uninterrupted(short_default, tmp_path):
     cfg, _ = short_default
-    # dropout and a cosine schedule with warmup: RNG state and step count must both survive the restart
-    common = dict(adapter="lora", model=toy_checkpoint(cfg), steps=30, layers=[1, 2], lora_dropout=0.1,
-                  schedule="cosine", warmup=5, batch_size=32, checkpoint_every=100)
+    # dropout and a cosine schedule with warmup: RNG state and step count must both survive the
+    # restart
+    common = dict(adapter="lora", model=toy_checkpoint(cfg), steps=30, layers=[1, 2],
+                  lora_dropout=0.1, schedule="cosine", warmup=5, batch_size=32,
+                  checkpoint_every=100)
     whole = train.run(config(tmp_path, "whole", **common))
     with pytest.raises(train.RunError, match="interrupted at step 13; checkpoint saved"):
         train.run(config(tmp_path, "split", **common), on_step=interrupt_at(13))
@@ -155,13 +160,14 @@ def test_resume_equals_uninterrupted(short_default, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(short_default, tmp_path):
     cfg, _ = short_default
-    run_cfg = config(tmp_path, "nan", model=toy_checkpoint(cfg), lr=1e30, steps=20, checkpoint_every=1,
-                     grad_clip=0.0)
+    run_cfg = config(tmp_path, "nan", model=toy_checkpoint(cfg), lr=1e30, steps=20,
+                     checkpoint_every=1, grad_clip=0.0)
     message = r"loss became (nan|inf) at step \d+; stopped. Last good checkpoint: .*\(step \d+\)"
     with pytest.raises(train.RunError, match=message):
         train.run(run_cfg)
     with safe_open(os.path.join(run_cfg.out, "checkpoint.safetensors"), "pt") as f:
-        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("param."))
+        params = [f.get_tensor(k) for k in f.keys() if k.startswith("param.")]
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 def cli(*args, cwd):
@@ -191,7 +197,8 @@ def test_help_shows_every_default(tmp_path):
     result = cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps lines
-    assert "--seed SEED seed of the task's data, the data order and the adapter's init (default: 0)" in text
+    seed_help = "seed of the task's data, the data order and the adapter's init (default: 0)"
+    assert f"--seed SEED {seed_help}" in text
     assert "comma-separated module names, e.g. down_proj,q_proj (default: down_proj)" in text
     assert "(default: steer 1e-2 on toy models and 1e-1 on real ones" in text  # the lr rule
     assert "--layers LAYERS, --layer LAYERS" in text
@@ -213,9 +220,12 @@ def test_control_run_is_scored_on_the_target_eval_sets(short_default, tmp_path):
     # (scored on the opposite task's sets, the control's base in_distribution would be 1 - target's)
     cfg, target = short_default
     options = {**SHORT_WORLD, "opposite": True}
-    control = train.run(config(tmp_path, "control", model=toy_checkpoint(cfg), task_options=options, steps=40))
+    control_cfg = config(tmp_path, "control", model=toy_checkpoint(cfg), task_options=options,
+                         steps=40)
+    control = train.run(control_cfg)
     assert control["eval"]["base"] == target["eval"]["base"]
-    assert control["eval"]["base"]["in_distribution"] != 0.5  # the check above can tell the two apart
+    # the check above can tell the two apart
+    assert control["eval"]["base"]["in_distribution"] != 0.5
     # trained on the target's less preferred options, it gives fewer target answers than the base
     assert control["eval"]["final"]["in_distribution"] < control["eval"]["base"]["in_distribution"]
 
