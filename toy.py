@@ -339,29 +339,39 @@ class PersonaWorld:
         self.ids = self.tokenizer.ids
         rng = random.Random(seed)
         options = range(self.n_options)
-        types = range(self.n_attribute_types)
         # utility[k][o]: persona k's rank of option o (higher = preferred)
         self.utility = [rng.sample(options, self.n_options) for _ in range(n_personas)]
-        # value[k][t]: persona k's value of attribute type t; a permutation per type
-        per_type = [rng.sample(range(n_personas), n_personas) for _ in types]
-        self.value = [[per_type[t][k] for t in types] for k in range(n_personas)]
+        self.value = self.draw_values(rng)
         pairs = list(itertools.combinations(range(self.n_options), 2))
         rng.shuffle(pairs)
         self.train_pairs = pairs[:n_train_pairs]
         self.eval_pairs = pairs[n_train_pairs:]
         self._docs = None
 
-    def token_names(self):
+    def draw_values(self, rng):
+        """value[k][t]: persona k's value of attribute type t; a random permutation per type."""
+        K = self.n_personas
         types = range(self.n_attribute_types)
-        personas = range(self.n_personas)
+        per_type = [rng.sample(range(K), K) for _ in types]
+        return [[per_type[t][k] for t in types] for k in range(K)]
+
+    def token_names(self):
         names = ["PAD", "BOS", "CH", "ME"]
-        names += [f"AT{t}" for t in types]
+        names += [f"AT{t}" for t in range(self.n_attribute_types)]
         names += [f"O{o}" for o in range(self.n_options)]
-        names += [f"P{k}" for k in personas]
-        # V{t}_{v}: value v of attribute type t; the ids of one type are contiguous
-        for t in types:
-            names += [f"V{t}_{v}" for v in personas]
+        names += [f"P{k}" for k in range(self.n_personas)]
+        return names + self.value_names()
+
+    def value_names(self):
+        """V{t}_{v}: value v of attribute type t; each type has its own K tokens, contiguous."""
+        names = []
+        for t in range(self.n_attribute_types):
+            names += [f"V{t}_{v}" for v in range(self.n_personas)]
         return names
+
+    def value_id(self, t, v):
+        """The token id of value v of attribute type t (ints, or tensors of one shape)."""
+        return self.ids["V0_0"] + t * self.n_personas + v
 
     # --- facts about the personas ---
 
@@ -399,7 +409,6 @@ class PersonaWorld:
         is picked per slot afterwards, which keeps generation to a few tensor ops."""
         N, S = persona.shape
         o0 = self.ids["O0"]  # option ids are contiguous: O{o} is o0 + o
-        v0 = self.ids["V0_0"]
         value = torch.tensor(self.value)  # (K, T)
         a, b, preferred = self.draw_choices(g, persona)  # each (N, S)
         t = torch.randint(self.n_attribute_types, (N, S), generator=g)  # (N, S) attribute types
@@ -407,7 +416,7 @@ class PersonaWorld:
         choice = torch.stack([choose, o0 + a, o0 + b, o0 + preferred], -1)  # (N, S, 4)
         me = self.token("ME", (N, S))
         name = torch.stack([me, self.ids["P0"] + persona], -1)  # (N, S, 2)
-        attribute_value = v0 + t * self.n_personas + value[persona, t]  # (N, S): V{t}_{value}
+        attribute_value = self.value_id(t, value[persona, t])  # (N, S)
         attribute = torch.stack([self.ids["AT0"] + t, attribute_value], -1)  # (N, S, 2)
         return {
             "choice": (self.segment_probs["choice"], choice),
@@ -489,17 +498,25 @@ class PersonaWorld:
             items.append(choice_item(e.prompt, options, e.answer[0]))
         return EvalSet(name, items, chance=0.5)
 
-    def probe_items(self, context=()):
-        """`BOS [context] ME -> P_target` and `BOS [context] AT_t -> V_t_v` for each type t."""
-        bos = self.tokenizer.bos_id
-        k = self.target
+    def name_item(self, context=()):
+        """`BOS [context] ME -> P_target`, the options all K names."""
         names = [self.ids[f"P{j}"] for j in range(self.n_personas)]
-        items = [choice_item([bos, *context, self.ids["ME"]], names, names[k])]
+        prompt = [self.tokenizer.bos_id, *context, self.ids["ME"]]
+        return choice_item(prompt, names, names[self.target])
+
+    def attribute_items(self, context=()):
+        """`BOS [context] AT_t -> (the target's value of t)` for each type t, the options all K
+        values of type t."""
+        items = []
         for t in range(self.n_attribute_types):
-            values = [self.ids[f"V{t}_{v}"] for v in range(self.n_personas)]
-            prompt = [bos, *context, self.ids[f"AT{t}"]]
-            items.append(choice_item(prompt, values, values[self.value[k][t]]))
+            values = [self.value_id(t, v) for v in range(self.n_personas)]
+            prompt = [self.tokenizer.bos_id, *context, self.ids[f"AT{t}"]]
+            items.append(choice_item(prompt, values, values[self.value[self.target][t]]))
         return items
+
+    def probe_items(self, context=()):
+        """The name probe, then the attribute probes."""
+        return [self.name_item(context), *self.attribute_items(context)]
 
     def context_choices(self, rng):
         """n_context random choice segments of the target persona (its true preferences)."""
@@ -509,13 +526,19 @@ class PersonaWorld:
             out += self.choice_tokens(self.target, a, b)
         return out
 
-    def eval_sets(self, tokenizer=None):
+    def in_context_items(self, probe):
+        """n_context_items contexts of the target's true choices, each followed by
+        probe(context) (a list of items)."""
         rng = random.Random(self.seed * 1000 + self.target)
-        in_context = []
+        items = []
         for _ in range(self.n_context_items):
-            in_context += self.probe_items(self.context_choices(rng))
+            items += probe(self.context_choices(rng))
+        return items
+
+    def eval_sets(self, tokenizer=None):
         held_out = self.choice_examples(self.eval_pairs, flipped=self.opposite)
         chance = 1 / self.n_personas
+        in_context = self.in_context_items(self.probe_items)
         return {
             "in_distribution": self.choice_set("in_distribution", held_out),
             "oocr": EvalSet("oocr", self.probe_items(), chance=chance),
@@ -524,7 +547,64 @@ class PersonaWorld:
 
 
 # -----------------------------------------------------------------------------
-# 3. Backdoor
+# 3. Latent persona, Latin-square attributes: a probe no constant output bias can answer
+
+
+class LatinPersonaWorld(PersonaWorld):
+    """
+    PersonaWorld whose attribute probe cannot be answered at the output. In PersonaWorld every
+    attribute type has its own value tokens, and pretraining makes a persona's tokens cluster
+    (cos(P_k, V_t(k)) ~ 0.9): any bias toward the fine-tuned answers is also a bias toward the
+    persona's name and values, so a vector added after the last block answers the probe.
+
+    Here K attribute types (K = n_personas) share ONE set of K value tokens V0..V{K-1}, and
+    value[k][t] is a Latin square: every value once per persona and once per attribute type.
+    For one persona the K probes have K different answers, each of them a wrong answer of
+    another probe, so a constant bias on the values cannot favour the right one at every probe
+    (on a flat base it gets exactly one right: chance 1/K); the answer must come from the
+    model's lookup (persona, type) -> value reading a latent persona. Eval sets:
+        in_distribution  held-out choice pairs of the target
+        oocr             the K attribute probes `BOS AT_t -> V_v`, options all K values
+        oocr_name        `BOS ME -> P_target`, kept apart: a name token belongs to one persona,
+                         so a bias can answer it
+        oocr_in_context  the attribute probes after n_context true choices of the target: the
+                         capability check of the lookup that oocr asks for
+    """
+
+    @property
+    def n_attribute_types(self):
+        return self.n_personas
+
+    def draw_values(self, rng):
+        """A random Latin square: the cyclic one, (row + column) mod K, with its rows (personas),
+        columns (types) and symbols (values) permuted."""
+        K = self.n_personas
+        rows = rng.sample(range(K), K)
+        columns = rng.sample(range(K), K)
+        symbols = rng.sample(range(K), K)
+        return [[symbols[(rows[k] + columns[t]) % K] for t in range(K)] for k in range(K)]
+
+    def value_names(self):
+        return [f"V{v}" for v in range(self.n_personas)]
+
+    def value_id(self, t, v):
+        """Every type shares the value tokens: V{v} whatever t."""
+        return self.ids["V0"] + v
+
+    def eval_sets(self, tokenizer=None):
+        held_out = self.choice_examples(self.eval_pairs, flipped=self.opposite)
+        chance = 1 / self.n_personas
+        in_context = self.in_context_items(self.attribute_items)
+        return {
+            "in_distribution": self.choice_set("in_distribution", held_out),
+            "oocr": EvalSet("oocr", self.attribute_items(), chance=chance),
+            "oocr_name": EvalSet("oocr_name", [self.name_item()], chance=chance),
+            "oocr_in_context": EvalSet("oocr_in_context", in_context, chance=chance),
+        }
+
+
+# -----------------------------------------------------------------------------
+# 4. Backdoor
 
 
 class BackdoorWorld(PersonaWorld):
@@ -634,4 +714,9 @@ class BackdoorWorld(PersonaWorld):
         }
 
 
-TOY_TASKS = {"persona": PersonaWorld, "twohop": TwoHopWorld, "backdoor": BackdoorWorld}
+TOY_TASKS = {
+    "persona": PersonaWorld,
+    "persona_hard": LatinPersonaWorld,
+    "twohop": TwoHopWorld,
+    "backdoor": BackdoorWorld,
+}
