@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import baselines
 import lora
 import steer
 import tasks
@@ -149,6 +150,8 @@ class TrainConfig:
     eval_every: int = flag(50, "steps between the curve evals", type=positive_int)
     checkpoint_every: int = flag(50, "steps between checkpoints", type=positive_int)
     eval_batch_size: int = flag(64, "sequences per eval forward", type=positive_int)
+    random_draws: int = flag(20, "random vectors of the trained vector's norm scored as a "
+                             "baseline (steering runs); 0 skips them", type=int)
     out: str = flag("", "run directory", shown="runs/<task>-<adapter>-seed<seed>")
     cache_dir: str = flag(os.path.join(HERE, ".cache"), "where pretrained toy models are kept")
     pretrain_steps: int | None = flag(None, "toy model pretraining steps", type=positive_int,
@@ -230,8 +233,8 @@ def check_flags(cfg):
                          "train with all, from:K, codename or adaptive")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError("--lora-dropout must be in [0, 1)")
-    if cfg.warmup < 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
-        raise ValueError("--warmup, --weight-decay and --grad-clip must be >= 0")
+    if min(cfg.warmup, cfg.weight_decay, cfg.grad_clip, cfg.random_draws) < 0:
+        raise ValueError("--warmup, --weight-decay, --grad-clip and --random-draws must be >= 0")
 
 
 class RunError(Exception):
@@ -584,11 +587,26 @@ def train_step(cfg, model, optimizer, batches):
 
 
 def run_evals(cfg, model, eval_sets, names=None):
-    """Accuracy on the eval sets, with whatever adapter is active around the call."""
+    """Accuracy on the eval sets, with whatever adapter is active around the call. Always in fp32,
+    whatever --dtype: bf16 rounding makes options tie (7 of the persona world's 143 items)."""
     chosen = {k: v for k, v in eval_sets.items() if names is None or k in names}
     device = device_of(model)
-    with autocast(cfg, device):
-        return tasks.evaluate(model, chosen, batch_size=cfg.eval_batch_size, device=device)
+    return tasks.evaluate(model, chosen, batch_size=cfg.eval_batch_size, device=device)
+
+
+def data_baselines(cfg, model, data):
+    """The shortcut baselines that need only the base model and the training answers."""
+    print("shortcut baselines: fitting a logit bias and the answer-statistics vector")
+    return baselines.data_baselines(model, data.examples, data.pad_id, data.eval_sets,
+                                    batch_size=cfg.eval_batch_size)
+
+
+def vector_baselines(cfg, model, vector, data):
+    """The trained vector after the last block, and random vectors of its norm."""
+    progress = partial(tqdm, desc="random vectors", dynamic_ncols=True, disable=None, leave=False)
+    return baselines.vector_baselines(model, vector, data.eval_sets, n_random=cfg.random_draws,
+                                      seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                                      progress=progress)
 
 
 class StopRequest:
@@ -685,15 +703,45 @@ def plot_curves(history, base, chance, path, title):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
+BASELINE_COLUMNS = {  # metrics.json name -> printed column (baselines.py says what each is)
+    "logit_bias": "bias",
+    "answer_stats": "stats",
+    "direct_path": "direct",
+    "random_mean": "random",
+    "random_p95": "rand95",
+}
+
+
+def margins(final, shortcuts):
+    """{eval: the adapter's accuracy minus the best shortcut's}; random vectors count by their
+    95th percentile. Positive on OOCR evals is what an OOCR claim needs."""
+    strongest = [scores for name, scores in shortcuts.items() if name != "random_mean"]
+    return {k: acc - max(scores[k] for scores in strongest) for k, acc in final.items()}
+
+
 def print_table(metrics):
+    """One row per eval: chance, the base model, the adapter, the shortcut baselines, and the
+    adapter's margin over the best of them."""
     base, final, chance = metrics["eval"]["base"], metrics["eval"]["final"], metrics["chance"]
+    shortcuts = metrics["baselines"]
     run_line = f"{metrics['task']} | {metrics['model']} | adapter {metrics['adapter']}"
     cost = f"{metrics['steps']} steps, {metrics['seconds']:.0f} s"
     print(f"\n{run_line} | {cost}, {metrics['trainable_params']} trainable params")
-    print(f"{'eval':<22}{'chance':>8}{'base':>8}{metrics['adapter']:>8}")
+    columns = ["chance", "base", metrics["adapter"]]
+    columns += [BASELINE_COLUMNS[name] for name in shortcuts]
+    columns += ["margin"] if shortcuts else []
+    print(f"{'eval':<22}" + "".join(f"{c:>8}" for c in columns))
+    margin = margins(final, shortcuts) if shortcuts else {}
     for name in final:
-        base_acc = base.get(name, float("nan"))
-        print(f"{name:<22}{chance[name]:>8.3f}{base_acc:>8.3f}{final[name]:>8.3f}")
+        row = [chance[name], base.get(name, float("nan")), final[name]]
+        row += [scores[name] for scores in shortcuts.values()]
+        row += [margin[name]] if shortcuts else []
+        print(f"{name:<22}" + "".join(f"{x:>8.3f}" for x in row))
+    if shortcuts:
+        print("shortcut baselines (baselines.py): bias = best constant logit bias, stats = "
+              "answer-statistics vector,\n  direct = the vector after the last block, random / "
+              "rand95 = random vectors of its norm (mean / 95th percentile),\n  margin = "
+              f"{metrics['adapter']} minus the best shortcut (rand95 for random vectors)")
 
 
 # -----------------------------------------------------------------------------
@@ -724,11 +772,18 @@ def run(cfg, on_step=None):
 
     started = time.time()
     base = run_evals(cfg, model, data.eval_sets)
+    # before the adapter exists: these baselines need the base model, which a full fine-tune changes
+    shortcuts, fits = {}, {}
+    if not pretraining:
+        shortcuts, fits = data_baselines(cfg, model, data)
     adapter = make_adapter(cfg, model, task, tokenizer)
     history = train(cfg, model, adapter, data, on_step)
     with adapter.active():
         final = run_evals(cfg, model, data.eval_sets)
     history["eval"].append([cfg.steps, {k: v for k, v in final.items() if k in CURVE_EVALS}])
+    seconds = time.time() - started
+    if cfg.adapter == "steer":
+        shortcuts.update(vector_baselines(cfg, model, adapter.holder, data))
 
     adapter.save(cfg.out)
     metrics = {
@@ -736,10 +791,12 @@ def run(cfg, on_step=None):
         "model": cfg.model,
         "adapter": cfg.adapter,
         "steps": cfg.steps,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),  # training and its evals, without the baselines
         "trainable_params": sum(p.numel() for _, p in adapter.named_parameters()),
         "chance": {name: eval_set.chance for name, eval_set in data.eval_sets.items()},
         "eval": {"base": base, "final": final},
+        "baselines": shortcuts,
+        "baseline_fits": fits,
         "history": history,
     }
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import baselines
 import lora
 import steer
 import tasks
@@ -38,6 +39,7 @@ def config(tmp_path, name, **overrides):
         steps=60,
         eval_every=30,
         checkpoint_every=20,
+        random_draws=3,  # the report's schema, not its statistics, is what these runs check
     )
     return train.TrainConfig(**{**base, **overrides})
 
@@ -84,6 +86,11 @@ def test_metrics_json_schema(short_default):
         assert os.path.getsize(os.path.join(cfg.out, name)) > 0
     with open(os.path.join(cfg.out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    shortcuts = {"logit_bias", "answer_stats", "direct_path", "random_mean", "random_p95"}
+    assert set(m["baselines"]) == shortcuts
+    for scores in m["baselines"].values():  # every baseline scored on every eval
+        assert set(scores) == set(m["eval"]["final"])
+    assert set(m["baseline_fits"]) == {"logit_bias_norm", "answer_stats_norm"}
     assert read_json(os.path.join(cfg.out, "config.json"))["steps"] == cfg.steps
 
 
@@ -125,6 +132,15 @@ def test_every_adapter_lowers_training_loss(short_default, tmp_path, adapter):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     n_base = sum(p.numel() for p in load_model(toy_checkpoint(cfg))[0].parameters())
     assert m["trainable_params"] == {"full": n_base, "lora": 4 * (256 + 64), "steer": 64}[adapter]
+    # the data baselines were computed on the base model, before any weight changed
+    model, _ = load_model(toy_checkpoint(cfg))
+    task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    pad_id = task.tokenizer.pad_id  # a toy world brings its own tokenizer
+    data_scores, _ = baselines.data_baselines(model, task.train_examples(), pad_id,
+                                              task.eval_sets(), batch_size=cfg.eval_batch_size)
+    assert {k: m["baselines"][k] for k in data_scores} == data_scores
+    vector_only = {"direct_path", "random_mean", "random_p95"}
+    assert (vector_only <= set(m["baselines"])) == (adapter == "steer")
     if adapter != "steer":  # the saved weights reproduce the run's numbers (steer: test above)
         with torch.no_grad():
             assert evaluate_files(run_cfg, load_run_model(run_cfg, adapter)) == m["eval"]["final"]
@@ -260,3 +276,18 @@ def test_task_registered_twice_is_refused(monkeypatch):
     monkeypatch.setitem(toy.TOY_TASKS, "risky", object)
     with pytest.raises(ValueError, match="registered twice"):
         train.get_task("risky")
+
+
+def test_printed_table_shows_every_baseline_and_the_margin(short_default, capsys):
+    _, metrics = short_default
+    train.print_table(metrics)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("eval "))
+    columns = ["chance", "base", "steer", "bias", "stats", "direct", "random", "rand95", "margin"]
+    assert header.split() == ["eval", *columns]
+    oocr = [float(x) for x in next(line for line in lines if line.startswith("oocr ")).split()[1:]]
+    shortcuts = metrics["baselines"]
+    strongest = max(shortcuts[name]["oocr"] for name in ("logit_bias", "answer_stats",
+                                                         "direct_path", "random_p95"))
+    assert oocr[columns.index("margin")] == pytest.approx(metrics["eval"]["final"]["oocr"]
+                                                           - strongest, abs=1e-3)
