@@ -800,7 +800,7 @@ def run(cfg, on_step=None):
         "steps": cfg.steps,
         "seconds": round(seconds, 2),  # training and its evals, without the baselines
         "trainable_params": sum(p.numel() for _, p in adapter.named_parameters()),
-        "chance": {name: eval_set.chance for name, eval_set in data.eval_sets.items()},
+        "chance": tasks.score_chance(data.eval_sets),
         "eval": {"base": base, "final": final},
         "baselines": shortcuts,
         "baseline_fits": fits,
