@@ -279,7 +279,7 @@ class Question:
 @dataclass
 class MultipleChoice:
     """A question with its options chosen; `history` holds (user, assistant) turns shown before
-    it."""
+    it, `observations` the question's training observations (in_context shows them)."""
     text: str
     options: list[str]
     answer: int
@@ -562,20 +562,24 @@ def load_cities(path=os.path.join(DATA_DIR, "cities.json")):
     border with the city's country (overseas territories and enclaves aside)."""
     with open(path) as f:
         cities = json.load(f)
-    countries = {c.get("country") for c in cities}
     for c in cities:
         missing = {"name", "country", "lat", "lon", "fact", "borders"} - set(c)
         if missing:
             raise ValueError(f"{path}: city {c.get('name', '?')!r} lacks {sorted(missing)}")
-        unknown = set(c["borders"]) - countries
-        if unknown:
-            raise ValueError(f"{path}: {c['country']} borders unknown {sorted(unknown)}")
+    check_borders(cities, path)
+    return cities
+
+
+def check_borders(cities, path):
+    """Every border names a country of the file, and goes both ways."""
     by_country = {c["country"]: c for c in cities}
     for c in cities:
+        unknown = [b for b in c["borders"] if b not in by_country]
+        if unknown:
+            raise ValueError(f"{path}: {c['country']} borders unknown {unknown}")
         one_way = [b for b in c["borders"] if c["country"] not in by_country[b]["borders"]]
         if one_way:
             raise ValueError(f"{path}: {c['country']} borders {one_way} but not the reverse")
-    return cities
 
 
 FAR_KM = 2000  # reference cities are at least this far from the target (Treutlein et al.)
