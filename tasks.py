@@ -22,7 +22,7 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -500,7 +500,7 @@ class TextTask:
 
     def multiple_choice(self, tokenizer):
         """{set name: [MultipleChoice]} for in_distribution and every probe, options chosen."""
-        length = partial(option_length, tokenizer)
+        length = cache(partial(option_length, tokenizer))  # a candidate is measured many times
         questions = {"in_distribution": self.id_questions(), **self.probes()}
         chosen = {}
         for name, qs in questions.items():
