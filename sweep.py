@@ -90,19 +90,20 @@ def summarise(all_metrics):
         row = {}
         for column in columns:
             values = [column_value(m, column, key) for m in all_metrics]
-            row[column] = mean_and_spread(values)
+            row[column] = None if None in values else mean_and_spread(values)
         out[key] = row
     return out
 
 
 def column_value(metrics, column, key):
+    """One number of a run's report; None where a baseline skips the eval (in-context checks)."""
     if column == "chance":
         return metrics["chance"][key]
     if column == "base":
         return metrics["eval"]["base"][key]
     if column == "adapter":
         return metrics["eval"]["final"][key]
-    return metrics["baselines"][column][key]
+    return metrics["baselines"][column].get(key)
 
 
 def markdown_table(kind, summary, n_runs):
@@ -111,7 +112,7 @@ def markdown_table(kind, summary, n_runs):
     lines.append("| eval | " + " | ".join(columns) + " |")
     lines.append("|---" * (len(columns) + 1) + "|")
     for key, row in summary.items():
-        cells = [f"{mean:.3f} ± {spread:.3f}" for mean, spread in row.values()]
+        cells = ["-" if cell is None else f"{cell[0]:.3f} ± {cell[1]:.3f}" for cell in row.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -599,19 +599,25 @@ def run_evals(cfg, model, eval_sets, names=None):
     return tasks.evaluate(model, chosen, batch_size=cfg.eval_batch_size, device=device)
 
 
+def claim_sets(eval_sets):
+    """The eval sets a claim rests on, which the baselines are scored on: all but the in-context
+    checks (a property of the base model, and on text tasks the longest prompts by far)."""
+    return {k: v for k, v in eval_sets.items() if not k.endswith("_in_context")}
+
+
 def data_baselines(cfg, model, data):
     """The shortcut baselines that need only the base model and the training answers."""
     print("shortcut baselines: fitting a logit bias and the answer-statistics vector")
-    return baselines.data_baselines(model, data.examples, data.pad_id, data.eval_sets,
+    return baselines.data_baselines(model, data.examples, data.pad_id, claim_sets(data.eval_sets),
                                     batch_size=cfg.eval_batch_size)
 
 
 def vector_baselines(cfg, model, vector, data):
     """The trained vector after the last block, and random vectors of its norm."""
     progress = partial(tqdm, desc="random vectors", dynamic_ncols=True, disable=None, leave=False)
-    return baselines.vector_baselines(model, vector, data.eval_sets, n_random=cfg.random_draws,
-                                      seed=cfg.seed, batch_size=cfg.eval_batch_size,
-                                      progress=progress)
+    return baselines.vector_baselines(model, vector, claim_sets(data.eval_sets),
+                                      n_random=cfg.random_draws, seed=cfg.seed,
+                                      batch_size=cfg.eval_batch_size, progress=progress)
 
 
 class StopRequest:
@@ -721,7 +727,8 @@ def margins(final, shortcuts):
     """{eval: the adapter's accuracy minus the best shortcut's}; random vectors count by their
     95th percentile. Positive on OOCR evals is what an OOCR claim needs."""
     strongest = [scores for name, scores in shortcuts.items() if name != "random_mean"]
-    return {k: acc - max(scores[k] for scores in strongest) for k, acc in final.items()}
+    scored = [k for k in final if k in strongest[0]]
+    return {k: final[k] - max(scores[k] for scores in strongest) for k in scored}
 
 
 def print_table(metrics):
@@ -739,14 +746,16 @@ def print_table(metrics):
     margin = margins(final, shortcuts) if shortcuts else {}
     for name in final:
         row = [chance[name], base.get(name, float("nan")), final[name]]
-        row += [scores[name] for scores in shortcuts.values()]
-        row += [margin[name]] if shortcuts else []
-        print(f"{name:<22}" + "".join(f"{x:>8.3f}" for x in row))
+        row += [scores.get(name) for scores in shortcuts.values()]
+        row += [margin.get(name)] if shortcuts else []
+        cells = "".join(f"{'-':>8}" if x is None else f"{x:>8.3f}" for x in row)
+        print(f"{name:<22}{cells}")
     if shortcuts:
         print("shortcut baselines (baselines.py): bias = best constant logit bias, stats = "
               "answer-statistics vector,\n  direct = the vector after the last block, random / "
               "rand95 = random vectors of its norm (mean / 95th percentile),\n  margin = "
-              f"{metrics['adapter']} minus the best shortcut (rand95 for random vectors)")
+              f"{metrics['adapter']} minus the best shortcut (rand95 for random vectors); "
+              "no baselines on the in-context checks")
 
 
 # -----------------------------------------------------------------------------
