@@ -394,20 +394,6 @@ def name_predicate(names_filter):
 
 
 # -----------------------------------------------------------------------------
-# Logit lens (TransformerLens semantics: every layer's resid_pre plus the final resid_post,
-# through the final norm and the unembedding). The last row equals the model's logits.
-
-
-def logit_lens(model, tokens):
-    """tokens (B, T) -> logits per layer (n_layers + 1, B, T, vocab)."""
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
-    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
-    _, acts = model.run_with_cache(tokens, names_filter=names)
-    resid = torch.stack([acts[n] for n in names])  # (L + 1, B, T, d_model)
-    return model.unembed(model.ln_final(resid))
-
-
-# -----------------------------------------------------------------------------
 # Generation
 
 

