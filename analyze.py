@@ -9,7 +9,7 @@ summary.
     python analyze.py patching --run runs/persona-steer-seed0 --eval in_distribution --item 0
     python analyze.py patching --run runs/persona-steer-seed0 --eval oocr --contrast adapter
     python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
-    python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \
+    python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \\
         --token " Paris" --out runs/analysis-paris
 
 `--run DIR` rebuilds the run's base model, tokenizer, task and adapter from its files and writes
@@ -799,6 +799,14 @@ def wrong_token(subject, args, corrupt, right, corrupt_adapted):
     return strongest_other_option(subject, corrupt, right, corrupt_adapted)
 
 
+def contrast_title(contrast):
+    """'oocr[0] vs oocr[1]', with the adapter's state where the contrast is the adapter."""
+    clean, corrupt = contrast.clean.source, contrast.corrupt.source
+    if contrast.clean_adapted != contrast.corrupt_adapted:
+        return f"{clean} with the adapter (clean) vs without (corrupted)"
+    return f"{clean} (clean) vs {corrupt} (corrupted)"
+
+
 def contrast_runs(contrast, direction):
     """-> ((tokens, adapted) patched into, (tokens, adapted) the source)."""
     clean = (contrast.clean.tokens, contrast.clean_adapted)
@@ -881,8 +889,10 @@ def patching_command(subject, args):
     record = {"analysis": "patching", **contrast_record(subject, args, contrast)}
     clean, corrupt = record["clean_metric"], record["corrupt_metric"]
     spans = spans_of(args, len(contrast.clean.tokens))
-    fig = Figure(figsize=(min(40, 0.4 * len(contrast.clean.tokens) + 4) * len(sites), 4.5))
-    axes = fig.subplots(1, len(sites), squeeze=False)[0]
+    n_layers = subject.model.cfg.n_layers
+    width = min(30, 0.4 * len(contrast.clean.tokens) + 4)
+    fig = Figure(figsize=(width, (0.3 * n_layers + 1.8) * len(sites) + 0.5))
+    axes = fig.subplots(len(sites), 1, squeeze=False)[:, 0]  # one row per site
     summary = [f"{record['metric']}: clean {clean:.3f}, corrupted {corrupt:.3f}; "
                f"{args.direction}: {DIRECTIONS[args.direction]}"]
     rows = [f"layer {l}" for l in range(subject.model.cfg.n_layers)]
@@ -895,7 +905,7 @@ def patching_command(subject, args):
                 **symmetric_limits(shown))
         summary.append(f"{site}: strongest {top_cells(shown, xlabels)}")
     fig.suptitle(f"activation patching ({args.direction}), {subject.name}: "
-                 f"{contrast.clean.source} vs {contrast.corrupt.source}", fontsize=10)
+                 f"{contrast_title(contrast)}", fontsize=10)
     fig.tight_layout()
     return fig, record, summary
 
@@ -907,7 +917,7 @@ def attribution_command(subject, args):
     clean, corrupt = record["clean_metric"], record["corrupt_metric"]
     spans = spans_of(args, len(contrast.clean.tokens))
     width = min(30, 0.4 * len(contrast.clean.tokens) + 4)
-    fig = Figure(figsize=(2 * width + 4, 4 * len(sites)))
+    fig = Figure(figsize=(2 * width + 4, (0.3 * subject.model.cfg.n_layers + 1.8) * len(sites)))
     axes = fig.subplots(len(sites), 3, squeeze=False, width_ratios=[width, width, 4])
     summary = [f"{record['metric']}: clean {clean:.3f}, corrupted {corrupt:.3f}; "
                f"{args.direction}: {DIRECTIONS[args.direction]}"]
@@ -932,7 +942,7 @@ def attribution_command(subject, args):
                        f"strongest (attribution) {top_cells(shown_estimate, xlabels)}")
     fig.suptitle(f"attribution vs exact patching ({args.direction}; normalised: "
                  f"(m - m_corrupt) / (m_clean - m_corrupt)), {subject.name}: "
-                 f"{contrast.clean.source} vs {contrast.corrupt.source}", fontsize=10)
+                 f"{contrast_title(contrast)}", fontsize=10)
     fig.tight_layout()
     return fig, record, summary
 
