@@ -67,6 +67,7 @@ class Subject:
         return [("base", nullcontext), (self.adapter, self.adapter_on)]
 
     def state(self, adapted):
+        """The context of a run with (adapted=True) or without the adapter."""
         return self.adapter_on() if adapted and self.adapter else nullcontext()
 
 
