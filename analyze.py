@@ -719,7 +719,7 @@ def attention_command(subject, args):
                 ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
                 # token labels on the outer panels only: every panel shares them
                 ax.tick_params(labelleft=h == 0, labelbottom=i == len(layers) - 1)
-    fig.suptitle(f"attention patterns (rows: queries, columns: keys), {subject.name}, "
+    fig.suptitle(f"attention patterns (rows: queries, columns: keys),\n{subject.name}, "
                  f"{prompt.source}", fontsize=10)
     fig.tight_layout()
     return fig, record, summary
@@ -905,7 +905,7 @@ def patching_command(subject, args):
         heatmap(fig, ax, shown, xlabels, rows, f"{site}: (m - m_corrupt) / (m_clean - m_corrupt)",
                 **symmetric_limits(shown))
         summary.append(f"{site}: strongest {top_cells(shown, xlabels)}")
-    fig.suptitle(f"activation patching ({args.direction}), {subject.name}: "
+    fig.suptitle(f"activation patching ({args.direction}),\n{subject.name}: "
                  f"{contrast_title(contrast)}", fontsize=10)
     fig.tight_layout()
     return fig, record, summary
@@ -942,7 +942,7 @@ def attribution_command(subject, args):
         summary.append(f"{site}: correlation with exact patching {r:.3f}; "
                        f"strongest (attribution) {top_cells(shown_estimate, xlabels)}")
     fig.suptitle(f"attribution vs exact patching ({args.direction}; normalised: "
-                 f"(m - m_corrupt) / (m_clean - m_corrupt)), {subject.name}: "
+                 f"(m - m_corrupt) / (m_clean - m_corrupt)),\n{subject.name}: "
                  f"{contrast_title(contrast)}", fontsize=10)
     fig.tight_layout()
     return fig, record, summary
