@@ -9,6 +9,7 @@ summary.
     python analyze.py patching --run runs/persona-steer-seed0 --eval in_distribution --item 0
     python analyze.py patching --run runs/persona-steer-seed0 --eval oocr --contrast adapter
     python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
+    python analyze.py read_vector --run runs/persona-steer-seed0 --coefficients=-2,-1,0,1,2
     python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \\
         --token " Paris" --out runs/analysis-paris
 
@@ -19,11 +20,13 @@ text is space-separated token names ("BOS ME").
 
 Read top to bottom: the subject (a run directory or a checkpoint -> model, tokenizer, eval sets,
 adapter switch) -> prompts and tokens -> logit lens -> attention patterns -> activation patching
-(batched) -> attribution patching -> plots and files -> the command line (ANALYSES, the table of
-subcommands).
+(batched) -> attribution patching -> scoring eval items under any forward -> reading a steering
+vector -> plots and files -> the analyses from the command line -> the command line (ANALYSES,
+the table of subcommands).
 """
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -37,8 +40,10 @@ from tqdm import tqdm
 
 import lora
 import steer
+import tasks
 import train
 from checkpoint import CheckpointError, atomic_write, first_line, load_model, read_json, write_json
+from model import LayerNorm
 
 
 class AnalysisError(ValueError):
@@ -59,6 +64,9 @@ class Subject:
     adapter: str = ""  # "steer", "lora", "full", or "" for a plain checkpoint
     adapter_on: Callable = nullcontext  # a context in which the forward pass sees the adapter
     threads: int | None = None  # the run's own thread count (1 on toy models)
+    config: object = None  # the run's train.TrainConfig; None for a checkpoint
+    task: object = None  # the task the run trained on (its training data, pretraining documents)
+    vector: object = None  # the run's steer.SteeringVector (steering runs)
 
     def views(self):
         """[(label, context)]: the model states an analysis shows side by side."""
@@ -116,14 +124,17 @@ def lora_enabled(model):
             m.enabled = False
 
 
-def adapter_switch(cfg, run_dir, model, device):
+def load_vector(run_dir, model):
+    path = run_file(run_dir, "steering_vector.safetensors")
+    try:
+        return steer.SteeringVector.load(path, model)
+    except ValueError as e:
+        raise AnalysisError(first_line(e)) from None
+
+
+def adapter_switch(cfg, run_dir, model, device, vector=None):
     """Attach the run's adapter to the base model -> a context that switches it on."""
     if cfg.adapter == "steer":
-        path = run_file(run_dir, "steering_vector.safetensors")
-        try:
-            vector = steer.SteeringVector.load(path, model)
-        except ValueError as e:
-            raise AnalysisError(first_line(e)) from None
         return partial(vector.apply, model)
     if cfg.adapter == "lora":
         try:
@@ -160,8 +171,10 @@ def load_run(run_dir, device="cpu"):
     # a control run is scored on its target's eval sets, as train.run() does
     eval_task = train.make_task(replace(cfg, task_options=train.target_options(cfg)))
     eval_sets = eval_task.eval_sets(tokenizer)
-    switch = adapter_switch(cfg, run_dir, model, device)
-    return Subject(model, tokenizer, run_dir, eval_sets, cfg.adapter, switch, cfg.threads)
+    vector = load_vector(run_dir, model) if cfg.adapter == "steer" else None
+    switch = adapter_switch(cfg, run_dir, model, device, vector)
+    return Subject(model, tokenizer, run_dir, eval_sets, cfg.adapter, switch, cfg.threads, cfg,
+                   task, vector)
 
 
 def load_checkpoint_subject(name, device="cpu"):
@@ -559,6 +572,261 @@ def correlation(a, b):
 
 
 # -----------------------------------------------------------------------------
+# Scoring eval items under any forward pass: the summed log-prob of every option, with whole items
+# in each batch, so that a metric over an item's options can be differentiated batch by batch and a
+# hook can hand one run's activations to another run of the same batch.
+
+
+def item_chunks(items, batch_size):
+    """Items -> lists of whole items with at most batch_size options each (at least one item)."""
+    chunks, chunk, size = [], [], 0
+    for item in items:
+        if chunk and size + len(item.options) > batch_size:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item.options)
+    return chunks + [chunk] if chunk else chunks
+
+
+def option_batch(chunk, device):
+    """Items -> tokens (B, T), targets (B, T): one row per (item, option), as tasks.collate."""
+    examples = [tasks.Example(item.prompt, option) for item in chunk for option in item.options]
+    tokens, targets = tasks.collate(examples)
+    return tokens.to(device), targets.to(device)
+
+
+def option_scores(logits, targets, chunk):
+    """logits (B, T, vocab) of option_batch -> [(n_options,) summed log-probs] per item."""
+    logp = logits.float().log_softmax(-1)  # (B, T, vocab)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T)
+    sums = (picked * (targets != tasks.IGNORE)).sum(-1)  # (B,)
+    return list(sums.split([len(item.options) for item in chunk]))
+
+
+def right_logprob(scores, item):
+    """The right option's log-prob normalised over the item's options (its own log-prob where the
+    item has one option): the smooth version of 'the right option scores best'."""
+    return (scores.log_softmax(0) if len(scores) > 1 else scores)[item.answer]
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def scored_runs(model, eval_set, runs, batch_size=64):
+    """runs: tokens (B, T) -> {run name: logits (B, T, vocab)}, several runs of one batch ->
+    {run name: {"accuracy": share of items whose right option scores best, alone,
+    "metric": mean right_logprob}}."""
+    scores = {}  # {run name: [(n_options,) per item]}
+    for chunk in item_chunks(eval_set.items, batch_size):
+        tokens, targets = option_batch(chunk, device_of(model))
+        for name, logits in runs(tokens).items():
+            scores.setdefault(name, []).extend(option_scores(logits, targets, chunk))
+    items = eval_set.items
+    return {name: {"accuracy": tasks.share_right(items, [s.tolist() for s in run_scores]),
+                   "metric": torch.stack([right_logprob(s, item) for s, item in
+                                          zip(run_scores, items)]).mean().item()}
+            for name, run_scores in scores.items()}
+
+
+# -----------------------------------------------------------------------------
+# Reading a steering vector: what it writes into the vocabulary, its size next to the residual
+# stream it is added to, accuracy against its strength and against its largest dimensions, and
+# the share of its effect that survives with attention frozen to the unsteered run's patterns.
+
+
+def layer_directions(vector):
+    """{layer: direction (d_model,)}."""
+    if not hasattr(vector, "directions"):
+        raise AnalysisError("read_vector reads one direction per layer; a codename vector has "
+                            "one per codename")
+    return {layer: vector.directions[str(layer)].detach().float() for layer in vector.layers}
+
+
+def landing_hook(vector, layer):
+    """The residual stream the vector ends up in: its own hook for hook_resid_pre, the block's
+    output for hook_mlp_out and hook_resid_post."""
+    hook = "hook_resid_pre" if vector.hook == "hook_resid_pre" else "hook_resid_post"
+    return f"blocks.{layer}.{hook}"
+
+
+def norm_scale(model, x):
+    """What the model's norms divide x (..., d_model) by, eps aside: the RMS (RMSNorm) or the
+    standard deviation (LayerNorm) over features -> (...)."""
+    if isinstance(model.ln_final, LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
+    return x.pow(2).mean(-1).sqrt()
+
+
+def prompt_batches(prompts, batch_size=32):
+    """Token-id lists -> [(tokens (B, T), mask (B, T) bool, True at real tokens)]."""
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        tokens = tasks.right_pad(chunk, 0)  # (B, T)
+        lengths = torch.tensor([len(p) for p in chunk])  # (B,)
+        batches.append((tokens, torch.arange(tokens.shape[1])[None] < lengths[:, None]))
+    return batches
+
+
+@torch.no_grad()
+def token_activations(model, batches, name):
+    """One hook's activation at every real token of the batches -> (N, d_model) fp32 on the CPU."""
+    rows = []
+    for tokens, mask in batches:
+        _, acts = model.run_with_cache(tokens.to(device_of(model)), names_filter=name)
+        rows.append(acts[name][mask.to(acts[name].device)].float().cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def vector_logits(model, direction, resid_scale):
+    """direction (d_model,) -> {"direct": its unembedding (vocab,), "final_norm": its unembedding
+    after the final norm, as that norm scales a residual stream whose norm_scale is resid_scale}.
+    Only the norm's linear part: its bias is the same with and without the vector."""
+    v = direction.to(model.unembed.weight)
+    centred = v - v.mean() if isinstance(model.ln_final, LayerNorm) else v
+    normed = model.ln_final.weight * centred / resid_scale
+    return {"direct": model.unembed(v).float().cpu(),
+            "final_norm": model.unembed(normed).float().cpu()}
+
+
+def top_tokens(tokenizer, logits, k):
+    """logits (vocab,) -> {"boosted": [(label, logit)], "suppressed": [(label, logit)]}."""
+    k = min(k, logits.numel())
+    up, down = logits.topk(k), (-logits).topk(k)
+    return {"boosted": [(token_label(tokenizer, i), v) for i, v in
+                        zip(up.indices.tolist(), up.values.tolist())],
+            "suppressed": [(token_label(tokenizer, i), -v) for i, v in
+                           zip(down.indices.tolist(), down.values.tolist())]}
+
+
+def vector_readout(model, tokenizer, vector, prompts, top_k=10):
+    """Per layer: |v|, the unsteered residual stream's mean norm and norm_scale where v lands (over
+    every token of prompts), and the top boosted and suppressed tokens of v's unembedding, directly
+    and through the final norm at that typical scale."""
+    batches = prompt_batches(prompts)
+    out = {}
+    for layer, direction in layer_directions(vector).items():
+        name = landing_hook(vector, layer)
+        resid = token_activations(model, batches, name)  # (N, d_model)
+        scale = norm_scale(model, resid).mean().item()
+        logits = vector_logits(model, direction, scale)
+        norm, resid_norm = direction.norm().item(), resid.norm(dim=-1).mean().item()
+        out[layer] = {"hook": name, "norm": norm, "resid_norm": resid_norm,
+                      "relative_norm": norm / resid_norm, "resid_scale": scale,
+                      **{way: top_tokens(tokenizer, values, top_k)
+                         for way, values in logits.items()}}
+    return out
+
+
+def strength_sweep(model, vector, eval_sets, coefficients, batch_size=64):
+    """-> {coefficient: {key: accuracy}} (tasks.evaluate with coeff * vector added). Coefficient 0
+    is the base model exactly: x + 0 * v == x."""
+    out = {}
+    for coeff in tqdm(coefficients, desc="strength sweep", disable=None, leave=False):
+        with vector.apply(model, coeff=coeff):
+            out[coeff] = tasks.evaluate(model, eval_sets, batch_size, device_of(model))
+    return out
+
+
+def top_dimensions(scores, percent):
+    """scores (d_model,) -> bool mask of the top `percent`% dimensions by score: round(percent% of
+    d_model), at least one above 0%."""
+    d = scores.numel()
+    k = 0 if percent <= 0 else min(d, max(1, round(percent * d / 100)))
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[scores.topk(k).indices] = True
+    return mask
+
+
+def sparsified(vector, keep):
+    """A copy of the vector with only the dimensions in keep {layer: bool (d_model,)} left."""
+    sparse = copy.deepcopy(vector)
+    with torch.no_grad():
+        for layer, mask in keep.items():
+            sparse.directions[str(layer)].mul_(mask.to(sparse.directions[str(layer)]))
+    return sparse
+
+
+def dimension_attributions(model, vector, eval_sets, batch_size=64):
+    """{layer: |v_i * d metric / d v_i| (d_model,)}: the first-order effect of zeroing each
+    dimension, with the vector on. metric = the sum over eval sets of the mean right_logprob;
+    d metric / d v_i is the sum of d metric / d x_i over the positions where v is added."""
+    sensitive = copy.deepcopy(vector).requires_grad_(True)
+    params = [sensitive.directions[str(layer)] for layer in vector.layers]
+    grads = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad(), sensitive.apply(model):
+        for eval_set in eval_sets.values():
+            for chunk in item_chunks(eval_set.items, batch_size):
+                tokens, targets = option_batch(chunk, device_of(model))
+                scores = option_scores(model(tokens), targets, chunk)
+                value = sum(right_logprob(s, item) for s, item in zip(scores, chunk))
+                for total, grad in zip(grads, torch.autograd.grad(value / len(eval_set.items),
+                                                                   params)):
+                    total += grad
+    return {layer: (p.detach() * g).abs().float().cpu()
+            for layer, p, g in zip(vector.layers, params, grads)}
+
+
+def sparsification(model, vector, eval_sets, percents, batch_size=64):
+    """-> {"magnitude" | "attribution": {percent: {key: accuracy}}}: accuracy with only the top
+    percent% dimensions of every layer's direction kept, ranked by |v_i| or by attribution."""
+    rankings = {"magnitude": {layer: d.abs() for layer, d in layer_directions(vector).items()},
+                "attribution": dimension_attributions(model, vector, eval_sets, batch_size)}
+    out = {}
+    for ranking, scores in rankings.items():
+        out[ranking] = {}
+        for percent in tqdm(percents, desc=f"sparsify by {ranking}", disable=None, leave=False):
+            keep = {layer: top_dimensions(s, percent) for layer, s in scores.items()}
+            with sparsified(vector, keep).apply(model):
+                out[ranking][percent] = tasks.evaluate(model, eval_sets, batch_size,
+                                                       device_of(model))
+    return out
+
+
+def pattern_names(model):
+    return [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+
+
+@torch.no_grad()
+def frozen_attention_runs(model, vector, tokens, coeff=1.0):
+    """tokens (B, T) -> {"base": logits, "steered": logits, "frozen": logits of the steered run
+    with every attention pattern overwritten by the base run's}. Hooking hook_pattern takes
+    model.py's explicit attention path; the base run reads its patterns from that same path, so
+    freezing an unsteered run reproduces it exactly."""
+    base, patterns = model.run_with_cache(tokens, names_filter=pattern_names(model))
+    with vector.apply(model, coeff=coeff):
+        steered = model(tokens)
+        frozen = model.run_with_hooks(tokens, [(name, lambda x, hook: patterns[hook.name])
+                                               for name in pattern_names(model)])
+    return {"base": base, "steered": steered, "frozen": frozen}
+
+
+def effect_share(base, steered, frozen):
+    """The share of the steering effect kept with attention frozen; nan where there is none."""
+    effect = steered - base
+    return (frozen - base) / effect if effect != 0 else float("nan")
+
+
+def frozen_attention(model, vector, eval_sets, coeff=1.0, batch_size=64):
+    """-> {set: {run: {"accuracy", "metric"}} for the runs base, steered and frozen, plus "share":
+    (frozen - base) / (steered - base) of the metric (mean right_logprob) and of accuracy}."""
+    out = {}
+    runs = partial(frozen_attention_runs, model, vector, coeff=coeff)
+    for name, eval_set in tqdm(eval_sets.items(), desc="frozen attention", disable=None,
+                               leave=False):
+        scored = scored_runs(model, eval_set, runs, batch_size)
+        scored["share"] = {key: effect_share(*(scored[run][key] for run in
+                                               ("base", "steered", "frozen")))
+                           for key in ("metric", "accuracy")}
+        out[name] = scored
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Plots and files
 
 
@@ -948,6 +1216,128 @@ def attribution_command(subject, args):
     return fig, record, summary
 
 
+def steering_run(subject, analysis):
+    if subject.config is None or subject.adapter != "steer":
+        given = f"a {subject.adapter} run" if subject.adapter else "a plain checkpoint"
+        raise AnalysisError(f"{analysis} reads a steering run (train.py --adapter steer), "
+                            f"given {given}: {subject.name}")
+    return subject.vector
+
+
+def chosen_sets(subject, text):
+    """--sets names -> {name: EvalSet}; default: the sets a claim rests on (train.claim_sets)."""
+    if text is None:
+        return train.claim_sets(subject.eval_sets)
+    return {name: eval_set(subject, name) for name in site_list(text)}
+
+
+def number_list(text):
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def curves(ax, table, xlabel, title, **line):
+    """table {x: {key: accuracy}} -> one line per key."""
+    xs = list(table)
+    for i, key in enumerate(table[xs[0]]):  # one color per key, on every call
+        ax.plot(xs, [table[x][key] for x in xs], marker="o", label=key, color=f"C{i}", **line)
+    ax.set(xlabel=xlabel, ylabel="accuracy", title=title, ylim=(-0.03, 1.03))
+    ax.title.set_fontsize(9)
+
+
+def token_bars(ax, tops, title):
+    """Top boosted (up) and suppressed (down) tokens as horizontal bars, largest on top."""
+    rows = tops["boosted"] + tops["suppressed"][::-1]
+    ax.barh(range(len(rows))[::-1], [v for _, v in rows],
+            color=["tab:red" if v > 0 else "tab:blue" for _, v in rows])
+    ax.set_yticks(range(len(rows))[::-1], [label for label, _ in rows], fontsize=7)
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("logit")
+
+
+def frozen_bars(ax, frozen):
+    names = list(frozen)
+    width = 0.27
+    for i, run in enumerate(("base", "steered", "frozen")):
+        ax.bar([j + (i - 1) * width for j in range(len(names))],
+               [frozen[name][run]["metric"] for name in names], width, label=run)
+    labels = [f"{name}\nkept {frozen[name]['share']['metric']:.0%}" for name in names]
+    ax.set_xticks(range(len(names)), labels, fontsize=7)
+    ax.set(ylabel="mean log p(right option | options)",
+           title="attention frozen to the unsteered run's")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+
+
+def sweep_lines(sweep, key_order):
+    return "  ".join(f"{c:g}: " + "/".join(f"{sweep[c][k]:.2f}" for k in key_order)
+                     for c in sweep)
+
+
+def read_vector_summary(readout, sweep, sparse, frozen, percents):
+    lines = []
+    for layer, r in readout.items():
+        lines.append(f"layer {layer} ({r['hook']}): |v| = {r['norm']:.3f}, "
+                     f"{r['relative_norm']:.2f} x the residual stream's mean norm "
+                     f"{r['resid_norm']:.3f}")
+        for way in ("direct", "final_norm"):
+            for sign in ("boosted", "suppressed"):
+                cells = ", ".join(f"{label} {v:+.2f}" for label, v in r[way][sign][:5])
+                lines.append(f"  {way:>10} {sign:>10}: {cells}")
+    keys = list(next(iter(sweep.values())))
+    lines.append(f"strength sweep (coefficient: {'/'.join(keys)}): {sweep_lines(sweep, keys)}")
+    for ranking, table in sparse.items():
+        lines.append(f"sparsified by {ranking} (% kept: {'/'.join(keys)}): "
+                     f"{sweep_lines(table, keys)}")
+    for name, runs in frozen.items():
+        lines.append(f"frozen attention, {name}: metric base {runs['base']['metric']:.3f}, "
+                     f"steered {runs['steered']['metric']:.3f}, frozen "
+                     f"{runs['frozen']['metric']:.3f}: {runs['share']['metric']:.0%} of the effect "
+                     f"kept (accuracy {runs['base']['accuracy']:.2f} / "
+                     f"{runs['steered']['accuracy']:.2f} / {runs['frozen']['accuracy']:.2f})")
+    return lines
+
+
+def read_vector_command(subject, args):
+    vector = steering_run(subject, "read_vector")
+    layer_directions(vector)  # a codename vector is refused before anything runs
+    sets = chosen_sets(subject, args.sets)
+    model = subject.model
+    prompts = [item.prompt for eval_set in sets.values() for item in eval_set.items]
+    readout = vector_readout(model, subject.tokenizer, vector, prompts, args.top_k)
+    sweep = strength_sweep(model, vector, sets, args.coefficients)
+    sparse = sparsification(model, vector, sets, args.keep)
+    frozen = frozen_attention(model, vector, sets)
+    record = {"analysis": "read_vector", "subject": subject.name, "sets": list(sets),
+              "hook": vector.hook, "positions": vector.positions, "layers": vector.layers,
+              "metric": "mean over items of log p(right option), normalised over the options",
+              "readout": readout, "strength_sweep": sweep, "sparsification": sparse,
+              "frozen_attention": frozen}
+    layers = list(readout)
+    fig = Figure(figsize=(5 * (len(layers) + 3), 5))
+    axes = fig.subplots(1, len(layers) + 3)
+    for ax, layer in zip(axes, layers):
+        r = readout[layer]
+        token_bars(ax, r["final_norm"], f"layer {layer}: unembedding through the final norm\n"
+                   f"|v| = {r['relative_norm']:.2f} x mean |resid|")
+    ax_sweep, ax_sparse, ax_frozen = axes[len(layers):]
+    curves(ax_sweep, sweep, "coefficient (0 = base)", "strength sweep")
+    for ranking, style in (("magnitude", "-"), ("attribution", "--")):
+        curves(ax_sparse, sparse[ranking], "% of dimensions kept (top by |v_i| -, by "
+               "attribution --)", "sparsified vector", linestyle=style)
+    ax_sparse.set_xscale("symlog", linthresh=1)  # 0% and 1% .. 100% on one axis
+    ax_sparse.set_xlim(0, 110)
+    ax_sweep.legend(fontsize=7)
+    frozen_bars(ax_frozen, frozen)
+    fig.suptitle(f"reading the steering vector of {subject.name} ({vector.hook}, "
+                 f"positions {vector.positions})", fontsize=10)
+    fig.tight_layout()
+    return fig, record, read_vector_summary(readout, sweep, sparse, frozen, args.keep)
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -1002,6 +1392,18 @@ def patching_flags(parser):
                         help="patched runs per forward (default: 64, fewer on large vocabularies)")
 
 
+def read_vector_flags(parser):
+    parser.add_argument("--sets", help="comma-separated eval sets scored (default: all but the "
+                        "in-context checks)")
+    parser.add_argument("--coefficients", type=number_list, default=[-2, -1, 0, 0.5, 1, 1.5, 2, 3],
+                        help="strength sweep; write a leading negative as --coefficients=-2,0,1 "
+                        "(default: -2,-1,0,0.5,1,1.5,2,3)")
+    parser.add_argument("--keep", type=number_list, default=[100, 50, 25, 10, 5, 2, 1, 0],
+                        help="%% of dimensions kept (default: 100,50,25,10,5,2,1,0)")
+    parser.add_argument("--top-k", type=train.positive_int, default=10,
+                        help="boosted and suppressed tokens shown (default: 10)")
+
+
 @dataclass
 class Analysis:
     run: Callable  # (subject, args) -> (figure, record, summary lines)
@@ -1018,9 +1420,9 @@ ANALYSES = {  # the subcommands, in the order of issue 10
                          "resid_pre / attn_out / mlp_out per (layer, position), heads, spans"),
     "attribution": Analysis(attribution_command, patching_flags, "attribution patching beside "
                             "exact patching, with their correlation"),
-    # issue 10, points 5-6, to come: "lora_vs_steering" (a LoRA read as a steering vector) and
-    # "read_vector" (a steering vector's unembedding, strength sweep, sparsification, frozen
-    # attention)
+    # issue 10, point 5, to come: "lora_vs_steering" (a LoRA read as a steering vector)
+    "read_vector": Analysis(read_vector_command, read_vector_flags, "a steering vector's "
+                            "unembedding, norm, strength sweep, sparsification, frozen attention"),
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import analyze
+import steer
 import tasks
 import train
 from model import ModelConfig, Transformer
@@ -207,6 +208,143 @@ def test_attribution_is_the_first_order_term_by_hand(tiny):
 
 
 # -----------------------------------------------------------------------------
+# Reading a steering vector
+
+
+def tiny_eval_sets(n_items=6, n_options=3):
+    """One eval set of random prompts whose options are single tokens."""
+    g = torch.Generator().manual_seed(11)
+    items = []
+    for i in range(n_items):
+        prompt = torch.randint(0, VOCAB, (4 + i % 3,), generator=g).tolist()
+        options = [[o] for o in torch.randperm(VOCAB, generator=g)[:n_options].tolist()]
+        items.append(tasks.Item(prompt, options, answer=i % n_options))
+    return {"set": tasks.EvalSet("set", items, chance=1 / n_options)}
+
+
+def random_vector(model, layers=(1,), hook="hook_mlp_out", scale=3.0, seed=4):
+    vector = steer.SteeringVector(model.cfg.d_model, layers, hook=hook)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in vector.layers:
+            vector.directions[str(layer)].copy_(torch.randn(model.cfg.d_model, generator=g) * scale)
+    return vector
+
+
+def logits_with(model, vector, tokens):
+    with torch.no_grad(), vector.apply(model):
+        return model(tokens[None])
+
+
+def test_vector_logits_by_hand(tiny):
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    out = analyze.vector_logits(tiny, v, resid_scale=2.5)
+    W, w = tiny.unembed.weight, tiny.ln_final.weight  # (vocab, d_model), (d_model,)
+    torch.testing.assert_close(out["direct"], W @ v)
+    centred = v - v.mean() if tiny.cfg.arch == "gpt2" else v  # LayerNorm centres, RMSNorm not
+    torch.testing.assert_close(out["final_norm"], W @ (w * centred / 2.5))
+    # norm_scale of the last residual stream is what the final norm divides it by, eps aside
+    last = f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"
+    _, acts = tiny.run_with_cache(CLEAN[None], names_filter=[last, "ln_final.hook_scale"])
+    torch.testing.assert_close(analyze.norm_scale(tiny, acts[last]),
+                               acts["ln_final.hook_scale"][..., 0], rtol=1e-4, atol=1e-4)
+
+
+def test_sparsifying_at_100_percent_changes_nothing_and_at_0_removes_the_effect(tiny):
+    vector = random_vector(tiny)
+    base = tiny(CLEAN[None])
+    scores = vector.directions["1"].detach().abs()
+    full = analyze.sparsified(vector, {1: analyze.top_dimensions(scores, 100)})
+    none = analyze.sparsified(vector, {1: analyze.top_dimensions(scores, 0)})
+    assert torch.equal(logits_with(tiny, full, CLEAN), logits_with(tiny, vector, CLEAN))
+    assert torch.equal(logits_with(tiny, none, CLEAN), base)
+    assert (logits_with(tiny, vector, CLEAN) - base).abs().max() > 1e-2  # there is an effect
+    sets = tiny_eval_sets()
+    curve = analyze.sparsification(tiny, vector, sets, [100, 10, 0])
+    with vector.apply(tiny):
+        steered = tasks.evaluate(tiny, sets)
+    for ranking in ("magnitude", "attribution"):
+        assert curve[ranking][100] == steered and curve[ranking][0] == tasks.evaluate(tiny, sets)
+
+
+def test_top_dimensions_keeps_the_largest_and_one_at_least():
+    scores = torch.tensor([0.1, 5.0, -3.0, 2.0, 0.0, 4.0, 1.0, 0.5, 3.0, 0.2])
+    assert analyze.top_dimensions(scores, 30).nonzero().flatten().tolist() == [1, 5, 8]
+    assert analyze.top_dimensions(scores, 1).nonzero().flatten().tolist() == [1]
+    assert analyze.top_dimensions(scores, 0).sum() == 0
+    assert analyze.top_dimensions(scores, 100).all()
+
+
+def test_attribution_of_a_dimension_is_its_first_order_effect(tiny):
+    # the metric along v_i by finite differences: d metric / d v_i * v_i
+    vector, sets = random_vector(tiny, scale=0.5), tiny_eval_sets()
+    attribution = analyze.dimension_attributions(tiny, vector, sets)[1]  # (d_model,)
+
+    def metric(v):
+        moved = copy_with(vector, v)
+        runs = lambda tokens: {"run": moved_logits(tiny, moved, tokens)}
+        return analyze.scored_runs(tiny, sets["set"], runs)["run"]["metric"]
+
+    v = vector.directions["1"].detach().clone()
+    i = int(attribution.argmax())
+    step = 1e-3
+    nudged = v.clone()
+    nudged[i] += step * v[i]
+    by_hand = (metric(nudged) - metric(v)) / step
+    assert abs(abs(by_hand) - attribution[i].item()) < 1e-2 * max(1, abs(by_hand))
+
+
+def copy_with(vector, direction):
+    moved = steer.SteeringVector(vector.d_model, vector.layers, hook=vector.hook)
+    with torch.no_grad():
+        moved.directions[str(vector.layers[0])].copy_(direction)
+    return moved
+
+
+def moved_logits(model, vector, tokens):
+    with vector.apply(model):
+        return model(tokens)
+
+
+def test_freezing_attention_on_an_unsteered_run_changes_nothing(tiny):
+    tokens = torch.stack([CLEAN, CORRUPT])  # (B, T)
+    zero = steer.SteeringVector(tiny.cfg.d_model, [1])
+    runs = analyze.frozen_attention_runs(tiny, zero, tokens)
+    assert torch.equal(runs["frozen"], runs["base"])
+    torch.testing.assert_close(runs["steered"], runs["base"], rtol=0, atol=1e-5)
+    runs = analyze.frozen_attention_runs(tiny, random_vector(tiny, layers=(0,)), tokens)
+    assert (runs["frozen"] - runs["steered"]).abs().max() > 1e-3  # later patterns did move
+    assert (runs["frozen"] - runs["base"]).abs().max() > 1e-3  # and the residual path remains
+
+
+def test_frozen_attention_where_the_vector_lands_after_the_last_attention_keeps_everything(tiny):
+    # added to the last block's MLP output, the vector reaches no attention layer: freezing keeps
+    # the whole effect
+    last = tiny.cfg.n_layers - 1
+    vector, sets = random_vector(tiny, layers=(last,), scale=20.0), tiny_eval_sets()
+    result = analyze.frozen_attention(tiny, vector, sets)["set"]
+    assert result["share"]["metric"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(result["steered"]["metric"] - result["base"]["metric"]) > 1e-2
+
+
+def test_strength_sweep_at_coefficient_0_is_the_base_model(tiny):
+    vector, sets = random_vector(tiny), tiny_eval_sets()
+    sweep = analyze.strength_sweep(tiny, vector, sets, [-1.0, 0.0, 1.0])
+    assert sweep[0.0] == tasks.evaluate(tiny, sets)
+    with vector.apply(tiny, coeff=-1.0):
+        assert sweep[-1.0] == tasks.evaluate(tiny, sets)
+    with torch.no_grad(), vector.apply(tiny, coeff=0.0):
+        assert torch.equal(tiny(CLEAN[None]), tiny.run_with_hooks(CLEAN[None]))
+
+
+def test_scored_runs_agree_with_tasks_evaluate(tiny):
+    sets = tiny_eval_sets()
+    scored = analyze.scored_runs(tiny, sets["set"], lambda tokens: {"base": tiny(tokens)},
+                                 batch_size=4)  # items never split across batches
+    assert scored["base"]["accuracy"] == tasks.evaluate(tiny, sets)["set"]
+
+
+# -----------------------------------------------------------------------------
 # Bad input in the functions: a ValueError subclass with one line
 
 
@@ -273,6 +411,7 @@ COMMANDS = {
     "patching": ["--eval", "in_distribution", "--item", "0", "--span", "2,3", "--span", "1",
                  "--site", "resid_pre,mlp_out,hook_resid_mid"],
     "attribution": ["--eval", "oocr_in_context", "--item", "0", "--direction", "noise"],
+    "read_vector": ["--coefficients", "0,1", "--keep", "100,10,0"],
 }
 
 
@@ -324,6 +463,30 @@ def test_adapter_contrast_patches_the_adapter_into_the_base_run(runs, tmp_path):
     assert abs(record["clean_metric"] - record["corrupt_metric"]) > 1e-2
 
 
+def test_read_vector_sweeps_end_at_the_runs_own_scores(runs, tmp_path):
+    analyze.main(["read_vector", "--run", runs["steer"], "--out", str(tmp_path),
+                  "--coefficients=-1,0,1", "--keep", "100,0", "--top-k", "3"])
+    record = written(str(tmp_path), "read_vector")
+    with open(os.path.join(runs["steer"], "metrics.json")) as f:
+        scores = json.load(f)["eval"]
+    claims = ["in_distribution", "oocr"]  # the in-context check is left out by default
+    assert record["sets"] == claims
+    base = {k: scores["base"][k] for k in claims}
+    final = {k: scores["final"][k] for k in claims}
+    assert record["strength_sweep"]["0.0"] == base and record["strength_sweep"]["1.0"] == final
+    for ranking in ("magnitude", "attribution"):
+        assert record["sparsification"][ranking]["100.0"] == final
+        assert record["sparsification"][ranking]["0.0"] == base
+    readout = record["readout"]["2"]  # the default: the middle block of 4
+    assert readout["hook"] == "blocks.2.hook_resid_post"
+    assert len(readout["direct"]["boosted"]) == 3
+    assert readout["relative_norm"] == pytest.approx(readout["norm"] / readout["resid_norm"])
+    for name in claims:
+        frozen = record["frozen_attention"][name]
+        assert frozen["steered"]["accuracy"] == final[name]
+        assert frozen["base"]["accuracy"] == base[name]
+
+
 def test_a_plain_checkpoint_needs_a_tokenizer_and_a_prompt(runs, tmp_path):
     model_dir = os.path.join(runs["full"], "model")  # a toy checkpoint: no tokenizer files
     with pytest.raises(SystemExit, match="no tokenizer files"):
@@ -361,6 +524,11 @@ BAD = {
     "prompt too long": (["attention", "--run", "{steer}", "--prompt", "BOS " + "CH " * 40],
                         "reads at most 32"),
     "bad flag value": (["patching", "--run", "{steer}", "--batch-size", "0"], "positive integer"),
+    "read_vector on a LoRA run": (["read_vector", "--run", "{lora}"], "reads a steering run"),
+    "read_vector unknown set": (["read_vector", "--run", "{steer}", "--sets", "oocr,nope"],
+                                "no eval set 'nope'"),
+    "bad coefficients": (["read_vector", "--run", "{steer}", "--coefficients", "1,x"],
+                         "comma-separated numbers"),
 }
 
 
@@ -370,7 +538,7 @@ def test_bad_input_is_one_line_on_the_command_line(runs, tmp_path, case):
     empty_run.mkdir()
     shutil.copy(os.path.join(runs["steer"], "config.json"), empty_run)  # no adapter file
     argv, expected = BAD[case]
-    argv = [a.format(steer=runs["steer"], empty_run=empty_run) for a in argv]
+    argv = [a.format(steer=runs["steer"], lora=runs["lora"], empty_run=empty_run) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         analyze.main([*argv, "--out", str(tmp_path / "out")])
     message = str(exit_info.value.code)
