@@ -827,6 +827,183 @@ def frozen_attention(model, vector, eval_sets, coeff=1.0, batch_size=64):
 
 
 # -----------------------------------------------------------------------------
+# LoRA vs steering (Wang, Engels et al. 2025): what a one-layer LoRA adds to its module's output,
+# token by token, read as a steering vector. If the per-token differences point one way (|cos| near
+# 1, PC1 share near 1), the natural vector PC1 x mean norm, added at every position, stands in for
+# the LoRA. The sign of PC1 per token matters too: at toy scale it flips on tokens the fine-tuning
+# never showed (README), which a mean hides.
+
+SHOWN_PER_GROUP = 16  # tokens of each group in the |cos| heatmap
+LORA_OUTPUTS = {"mlp.down_proj": "hook_mlp_out"}  # LoRA'd module -> the hook of its output
+PLAIN_SENTENCES = [  # unrelated text for text tasks
+    "The library opens at nine in the morning and closes at six.",
+    "Rain is expected over the weekend, with clearer skies by Monday.",
+    "She planted tomatoes, beans and a row of sunflowers along the fence.",
+    "The committee will publish its report after the summer break.",
+    "Most bicycles in the city are parked near the railway station.",
+    "He read the letter twice before putting it back in the drawer.",
+    "Bread rises faster in a warm kitchen than in a cold one.",
+    "The museum's new wing holds paintings from the last two centuries.",
+]
+
+
+def lora_site(subject):
+    """A LoRA run at one layer -> (layer, the hook of the LoRA'd module's output)."""
+    if subject.config is None or subject.adapter != "lora":
+        given = f"a {subject.adapter} run" if subject.adapter else "a plain checkpoint"
+        raise AnalysisError(f"lora_vs_steering reads a LoRA run at one layer (train.py --adapter "
+                            f"lora --layer N), given {given}: {subject.name}")
+    paths = list(lora.lora_modules(subject.model))
+    layers = sorted({lora.layer_of(path) for path in paths})
+    if len(layers) != 1:
+        raise AnalysisError(f"lora_vs_steering reads a LoRA at one layer; {subject.name} has "
+                            f"LoRAs at blocks {layers} (train.py --layer N)")
+    modules = sorted({path.removeprefix(f"blocks.{layers[0]}.") for path in paths})
+    if len(modules) != 1 or modules[0] not in LORA_OUTPUTS:
+        raise AnalysisError(f"lora_vs_steering reads a LoRA on {', '.join(LORA_OUTPUTS)}; "
+                            f"{subject.name} has one on {', '.join(modules)}")
+    return layers[0], LORA_OUTPUTS[modules[0]]
+
+
+def unrelated_prompts(subject, n=32):
+    """Text unrelated to the fine-tuning: a toy world's pretraining documents (n drawn as
+    pretraining draws them), else a few plain sentences."""
+    task = subject.task
+    if hasattr(task, "draw_documents"):
+        documents = task.draw_documents(torch.Generator().manual_seed(task.seed), n)
+        return documents.tolist()  # (n, doc_len)
+    return [subject.tokenizer.encode(text) for text in PLAIN_SENTENCES]
+
+
+def trained_tokens(subject):
+    """The token ids the fine-tuning data shows (prompts and answers)."""
+    return {t for e in subject.task.train_examples(subject.tokenizer) for t in e.prompt + e.answer}
+
+
+def lora_diffs(subject, prompts, layer, hook):
+    """-> (diffs (N, d_model), token ids (N,)): the LoRA'd module's output with the LoRA minus
+    without it, at every real token of the prompts."""
+    batches = prompt_batches(prompts)
+    with subject.state(True):
+        diffs = steer.lora_token_diffs(subject.model, batches, layer, hook)
+    ids = torch.cat([tokens[mask] for tokens, mask in batches])  # the order of diffs
+    return diffs, ids
+
+
+def abs_cos(diffs):
+    """(N, d) -> (N, N) |cos| between rows; 0 where a row is zero."""
+    unit = diffs / diffs.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (unit @ unit.T).abs()
+
+
+def pc1_share(diffs):
+    """PC1's share of the uncentred variance (steer.top_direction: the constant is kept)."""
+    _, eigvals = steer.top_direction(diffs)
+    return float(eigvals[-1] / eigvals.sum().clamp_min(1e-30))
+
+
+def diff_stats(diffs, direction):
+    """diffs (N, d), direction (d,) -> {"n_tokens", "pc1_share" (of these diffs), "mean_abs_cos"
+    (between distinct tokens' diffs), "mean_abs_cos_pc1" (each diff with direction), "mean_norm"}."""
+    n = diffs.shape[0]
+    cos = abs_cos(diffs)
+    off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, n * (n - 1))
+    unit = direction / direction.norm().clamp_min(1e-30)
+    with_pc1 = (diffs @ unit).abs() / diffs.norm(dim=1).clamp_min(1e-30)
+    return {"n_tokens": n, "pc1_share": pc1_share(diffs), "mean_abs_cos": float(off_diagonal),
+            "mean_abs_cos_pc1": float(with_pc1.mean()), "mean_norm": float(diffs.norm(dim=1).mean())}
+
+
+def sign_split(projections, ids, seen):
+    """Per token id: how often its diff points with (+) or against (-) a direction ->
+    {id: {"seen", "positive", "negative", "mean"}}, and per seen / never seen: the share of tokens
+    (occurrences) with a positive projection."""
+    per_token = {}
+    for token in sorted(set(ids.tolist())):
+        p = projections[ids == token]
+        per_token[token] = {"seen": token in seen, "positive": int((p > 0).sum()),
+                            "negative": int((p < 0).sum()), "mean": float(p.mean())}
+    shares = {}
+    for kind, is_seen in (("seen", True), ("never_seen", False)):
+        chosen = torch.tensor([t in seen for t in ids.tolist()]) == is_seen
+        shares[kind] = float((projections[chosen] > 0).float().mean()) if chosen.any() else None
+    return per_token, shares
+
+
+def cos_natural_trained(natural, trained, layer):
+    """cos(natural, trained) at the layer, None where the trained vector is not at that layer."""
+    if trained is None or layer not in trained.layers or not hasattr(trained, "directions"):
+        return None
+    v = trained.directions[str(layer)].detach().float().cpu()
+    return float(natural @ v / (natural.norm() * v.norm()).clamp_min(1e-30))
+
+
+def substituted_accuracies(subject, natural, trained, sets):
+    """{state: {key: accuracy}}: base, the LoRA, the natural vector in its place, the natural
+    vector negated, and the trained steering vector when given."""
+    model = subject.model
+    states = {"base": nullcontext, "lora": subject.adapter_on,
+              "natural": partial(natural.apply, model),
+              "-natural": partial(natural.apply, model, coeff=-1.0)}
+    if trained is not None:
+        states["trained"] = partial(trained.apply, model)
+    out = {}
+    for name, state in tqdm(states.items(), desc="scoring", disable=None, leave=False):
+        with state():
+            out[name] = tasks.evaluate(model, sets, device=device_of(model))
+    return out
+
+
+def lora_groups(subject, n_unrelated=32):
+    """{group: prompts}: the in-distribution and OOCR eval prompts, and unrelated text."""
+    return {"in_distribution": [i.prompt for i in subject.eval_sets["in_distribution"].items],
+            "oocr": [i.prompt for i in subject.eval_sets["oocr"].items],
+            "unrelated": unrelated_prompts(subject, n_unrelated)}
+
+
+def unit(v):
+    return v / v.norm().clamp_min(1e-30)
+
+
+def lora_vs_steering(subject, trained=None, n_unrelated=32):
+    """A LoRA run at one layer -> a record: the natural vector (steer.lora_natural_vector over the
+    in-distribution prompts), per group of prompts the token diffs (ids, norms, projections on the
+    natural vector) and their stats, the sign split per token, cos(natural, trained), and the
+    accuracies with the natural vector (and the trained one) in place of the LoRA."""
+    layer, hook = lora_site(subject)
+    groups = lora_groups(subject, n_unrelated)
+    with subject.state(True):
+        natural = steer.lora_natural_vector(subject.model, prompt_batches(groups["in_distribution"]),
+                                            layer, hook)
+    direction = natural.directions[str(layer)].detach().float().cpu()  # (d_model,)
+    directions = {"natural": unit(direction)}
+    if trained is not None and cos_natural_trained(direction, trained, layer) is not None:
+        directions["trained"] = unit(trained.directions[str(layer)].detach().float().cpu())
+    seen = trained_tokens(subject)
+    record = {"layer": layer, "hook": f"blocks.{layer}.{hook}", "natural": direction.tolist(),
+              "natural_norm": float(direction.norm()),
+              "cos_natural_trained": cos_natural_trained(direction, trained, layer),
+              "seen_tokens": sorted(seen), "groups": {}, "sign_split": {}}
+    all_diffs, all_ids = [], []
+    for name, prompts in groups.items():
+        diffs, ids = lora_diffs(subject, prompts, layer, hook)
+        all_diffs.append(diffs)
+        all_ids.append(ids)
+        record["groups"][name] = {**diff_stats(diffs, direction), "token_ids": ids.tolist(),
+                                  "norms": diffs.norm(dim=1).tolist(),
+                                  "projections": (diffs @ directions["natural"]).tolist()}
+    diffs, ids = torch.cat(all_diffs), torch.cat(all_ids)  # every group's tokens
+    shown = torch.cat([d[:SHOWN_PER_GROUP] for d in all_diffs])  # the heatmap's tokens
+    record["shown_abs_cos"] = abs_cos(shown).tolist()
+    for name, d in directions.items():
+        per_token, shares = sign_split(diffs @ d, ids, seen)
+        record["sign_split"][name] = {"per_token": per_token, "positive_share": shares}
+    sets = {name: subject.eval_sets[name] for name in ("in_distribution", "oocr")}
+    record["accuracy"] = substituted_accuracies(subject, natural, trained, sets)
+    return record
+
+
+# -----------------------------------------------------------------------------
 # Plots and files
 
 
@@ -1338,6 +1515,111 @@ def read_vector_command(subject, args):
     return fig, record, read_vector_summary(readout, sweep, sparse, frozen, args.keep)
 
 
+def shown_tokens(record, tokenizer, per_group=SHOWN_PER_GROUP):
+    """The first tokens of every group, for the |cos| heatmap -> (labels, group of each)."""
+    labels, groups = [], []
+    for name, group in record["groups"].items():
+        ids = group["token_ids"][:per_group]
+        labels += [f"{name[:3]} {token_label(tokenizer, i)}" for i in ids]
+        groups += [name] * len(ids)
+    return labels, groups
+
+
+def steer_run_vector(subject, run_dir):
+    """--steer-run: a steering run of the same base model and task -> its SteeringVector."""
+    if run_dir is None:
+        return None
+    cfg, mine = run_config(run_dir), subject.config
+    if cfg.adapter != "steer":
+        raise AnalysisError(f"--steer-run {run_dir}: a {cfg.adapter} run, not a steering run")
+    same = ("model", "task", "task_options", "seed", "pretrain_steps")
+    differ = [name for name in same if getattr(cfg, name) != getattr(mine, name)]
+    if differ:
+        raise AnalysisError(f"--steer-run {run_dir}: another base model or task than "
+                            f"{subject.name} ({', '.join(differ)} differ)")
+    return load_vector(run_dir, subject.model)
+
+
+def norm_scatter(ax, record):
+    for name, group in reversed(record["groups"].items()):  # the many unrelated tokens below
+        ax.scatter(group["projections"], group["norms"], s=8, alpha=0.6, label=name)
+    top = max(max(group["norms"]) for group in record["groups"].values())
+    for slope in (1, -1):  # a diff on these lines lies along the natural vector
+        ax.plot([0, slope * top], [0, top], color="gray", linewidth=0.8)
+    ax.set(xlabel="projection on the natural vector's direction", ylabel="|diff|",
+           title="per-token diffs: norm vs projection")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+
+
+def sign_bars(ax, tokenizer, split, top=30):
+    """Per token id, how many of its diffs point with (+) and against (-) the natural vector."""
+    rows = sorted(split.items(), key=lambda kv: -(kv[1]["positive"] + kv[1]["negative"]))[:top]
+    labels = [f"{token_label(tokenizer, t)}{'' if s['seen'] else ' (unseen)'}" for t, s in rows]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [s["positive"] for _, s in rows], color="tab:red", label="+ (with)")
+    ax.barh(y, [-s["negative"] for _, s in rows], color="tab:blue", label="- (against)")
+    ax.set_yticks(y, labels, fontsize=6)
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set(xlabel="tokens", title="sign of the projection per token\n(unseen: not in fine-tuning)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+
+
+def accuracy_bars(ax, accuracy):
+    states = list(accuracy)
+    keys = list(accuracy[states[0]])
+    width = 0.8 / len(states)
+    for i, state in enumerate(states):
+        ax.bar([j + (i - (len(states) - 1) / 2) * width for j in range(len(keys))],
+               [accuracy[state][k] for k in keys], width, label=state)
+    ax.set_xticks(range(len(keys)), keys, fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title="in place of the LoRA")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+
+
+def lora_vs_steering_summary(record):
+    lines = [f"natural vector at {record['hook']}: |v| = {record['natural_norm']:.3f}"]
+    if record["cos_natural_trained"] is not None:
+        lines[0] += f", cos(natural, trained) = {record['cos_natural_trained']:+.3f}"
+    elif record["steer_run"] is not None:
+        lines[0] += ", cos(natural, trained): none, the trained vector is at other layers"
+    for name, g in record["groups"].items():
+        lines.append(f"{name:>16}: {g['n_tokens']} tokens, PC1 share {g['pc1_share']:.3f}, "
+                     f"mean |cos| between diffs {g['mean_abs_cos']:.3f}, with the natural "
+                     f"vector {g['mean_abs_cos_pc1']:.3f}, mean |diff| {g['mean_norm']:.3f}")
+    for name, split in record["sign_split"].items():
+        shares = split["positive_share"]
+        cells = ", ".join(f"{kind} {'-' if share is None else f'{share:.2f}'}"
+                          for kind, share in shares.items())
+        lines.append(f"share of token diffs pointing with the {name} vector: {cells}")
+    for state, scores in record["accuracy"].items():
+        lines.append(f"{state:>16}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return lines
+
+
+def lora_vs_steering_command(subject, args):
+    lora_site(subject)  # a wrong run is refused before --steer-run is read
+    trained = steer_run_vector(subject, args.steer_run)
+    record = {"analysis": "lora_vs_steering", "subject": subject.name,
+              "steer_run": args.steer_run, **lora_vs_steering(subject, trained, args.unrelated)}
+    labels, _ = shown_tokens(record, subject.tokenizer)
+    cos = torch.tensor(record.pop("shown_abs_cos"))
+    record["shown"] = {"labels": labels, "abs_cos": cos.tolist()}
+    fig = Figure(figsize=(24, 7))
+    axes = fig.subplots(1, 4, width_ratios=[1.4, 1, 1, 1])
+    heatmap(fig, axes[0], cos, labels, labels, "|cos| between per-token diffs", vmin=0, vmax=1,
+            cmap="viridis")
+    norm_scatter(axes[1], record)
+    sign_bars(axes[2], subject.tokenizer, record["sign_split"]["natural"]["per_token"])
+    accuracy_bars(axes[3], record["accuracy"])
+    fig.suptitle(f"a LoRA read as a steering vector: {subject.name}, {record['hook']} "
+                 f"(LoRA output minus base output per token)", fontsize=10)
+    fig.tight_layout()
+    return fig, record, lora_vs_steering_summary(record)
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -1392,6 +1674,14 @@ def patching_flags(parser):
                         help="patched runs per forward (default: 64, fewer on large vocabularies)")
 
 
+def lora_vs_steering_flags(parser):
+    parser.add_argument("--steer-run", help="a steering run of the same model and task: its "
+                        "vector's accuracy and cos(natural, trained)")
+    parser.add_argument("--unrelated", type=train.positive_int, default=32,
+                        help="toy worlds: pretraining documents read as unrelated text "
+                        "(default: 32)")
+
+
 def read_vector_flags(parser):
     parser.add_argument("--sets", help="comma-separated eval sets scored (default: all but the "
                         "in-context checks)")
@@ -1420,7 +1710,9 @@ ANALYSES = {  # the subcommands, in the order of issue 10
                          "resid_pre / attn_out / mlp_out per (layer, position), heads, spans"),
     "attribution": Analysis(attribution_command, patching_flags, "attribution patching beside "
                             "exact patching, with their correlation"),
-    # issue 10, point 5, to come: "lora_vs_steering" (a LoRA read as a steering vector)
+    "lora_vs_steering": Analysis(lora_vs_steering_command, lora_vs_steering_flags, "a one-layer "
+                                 "LoRA's per-token output diffs, its natural vector in its place, "
+                                 "beside a trained steering vector"),
     "read_vector": Analysis(read_vector_command, read_vector_flags, "a steering vector's "
                             "unembedding, norm, strength sweep, sparsification, frozen attention"),
 }

@@ -551,31 +551,22 @@ def lora_token_diffs(model, batches, layer, hook="hook_mlp_out"):
 
 
 def natural_vector_from_diffs(diffs):
-    """(N, d) token diffs -> (vector (d,), stats). vector = PC1 (uncentred, sign of the mean diff)
-    times the mean diff norm. stats: pc1_share (PC1's share of the uncentred variance, the paper's
-    0.76-0.99), mean_abs_cos (mean |cos(diff_i, PC1)|), mean_norm, n_tokens."""
+    """(N, d) token diffs -> the natural vector (d,): PC1 (uncentred, sign of the mean diff) times
+    the mean diff norm. How well one direction describes the diffs (PC1 share, |cos|, the sign per
+    token) is analyze.py's lora_vs_steering."""
     if diffs.shape[0] == 0:
         raise ValueError("no tokens to compute the natural vector from")
-    direction, eigvals = top_direction(diffs)
-    norms = diffs.norm(dim=1)  # (N,)
-    nonzero = norms > 0
-    cos = (diffs[nonzero] @ direction).abs() / norms[nonzero]
-    stats = {
-        "pc1_share": float(eigvals[-1] / eigvals.sum().clamp_min(1e-30)),
-        "mean_abs_cos": float(cos.mean()) if nonzero.any() else 0.0,
-        "mean_norm": float(norms.mean()),
-        "n_tokens": int(diffs.shape[0]),
-    }
-    return direction * norms.mean(), stats
+    direction, _ = top_direction(diffs)
+    return direction * diffs.norm(dim=1).mean()
 
 
 def lora_natural_vector(model, batches, layer, hook="hook_mlp_out"):
-    """The constant vector a LoRA at `layer` approximately adds -> (SteeringVector, stats); the
-    model carries the LoRA (lora.attach_lora); the output without it is taken with only this
-    block's adapters switched off (lora.lora_disabled(model, layers=[layer]))."""
+    """The constant vector a LoRA at `layer` approximately adds -> SteeringVector; the model carries
+    the LoRA (lora.attach_lora); the output without it is taken with only this block's adapters
+    switched off (lora.lora_disabled(model, layers=[layer]))."""
     vector = SteeringVector(model.cfg.d_model, [layer], hook=hook, method="lora_natural",
                             model_hint=model.cfg.name)
     vector.check_fits(model)
-    found, stats = natural_vector_from_diffs(lora_token_diffs(model, batches, layer, hook))
+    found = natural_vector_from_diffs(lora_token_diffs(model, batches, layer, hook))
     vector.directions[str(layer)].data.copy_(found)
-    return vector.to(next(model.parameters()).device), stats
+    return vector.to(next(model.parameters()).device)

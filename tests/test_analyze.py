@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import analyze
+import lora
 import steer
 import tasks
 import train
@@ -345,6 +346,68 @@ def test_scored_runs_agree_with_tasks_evaluate(tiny):
 
 
 # -----------------------------------------------------------------------------
+# LoRA vs steering
+
+
+def constant_lora(model, layer, c):
+    """A LoRA on block `layer`'s down_proj that reads one MLP neuron, which a hook holds at 1:
+    the LoRA then adds exactly c at every token. -> the hook."""
+    lora.attach_lora(model, targets=("down_proj",), layers=[layer], r=2, alpha=2)
+    adapter, neuron = model.blocks[layer].mlp.down_proj, 5
+    with torch.no_grad():
+        adapter.lora_A.weight.zero_()
+        adapter.lora_A.weight[0, neuron] = 1.0
+        adapter.lora_B.weight.zero_()
+        adapter.lora_B.weight[:, 0] = c / adapter.scaling
+
+    def hold(post, hook):
+        post = post.clone()
+        post[..., neuron] = 1.0
+        return post
+
+    return [(f"blocks.{layer}.mlp.hook_post", hold)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_constant_lora_is_its_own_natural_vector(arch):
+    model, layer = tiny_model(arch, seed=8), 1
+    c = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(9))
+    hold = constant_lora(model, layer, c)
+    batches = analyze.prompt_batches([CLEAN.tolist(), CORRUPT[:4].tolist()])  # 11 tokens
+    with model.hooks(hold):
+        diffs = steer.lora_token_diffs(model, batches, layer)  # (11, d_model)
+        natural = steer.lora_natural_vector(model, batches, layer).directions[str(layer)]
+    torch.testing.assert_close(diffs, c.expand_as(diffs), rtol=1e-4, atol=1e-5)
+    cos = analyze.abs_cos(diffs)
+    torch.testing.assert_close(cos, torch.ones(11, 11), rtol=0, atol=1e-5)
+    stats = analyze.diff_stats(diffs, natural.detach())
+    assert stats["pc1_share"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["mean_abs_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["mean_abs_cos_pc1"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["n_tokens"] == 11
+    torch.testing.assert_close(natural.detach(), c, rtol=1e-4, atol=1e-5)
+
+
+def test_diff_stats_of_two_orthogonal_directions_by_hand():
+    # 3 tokens along e0 with norm 2, 1 along e1 with norm 1: PC1 = e0, share 12 / 13
+    diffs = torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [-2.0, 0, 0], [0, 1.0, 0]])
+    stats = analyze.diff_stats(diffs, torch.tensor([1.0, 0, 0]))
+    assert stats["pc1_share"] == pytest.approx(12 / 13)
+    assert stats["mean_abs_cos"] == pytest.approx(6 / 12)  # 6 of the 12 ordered pairs: |cos| 1
+    assert stats["mean_abs_cos_pc1"] == pytest.approx(3 / 4)
+    assert stats["mean_norm"] == pytest.approx(7 / 4)
+
+
+def test_sign_split_per_token_by_hand():
+    projections = torch.tensor([1.0, -2.0, 3.0, -1.0])
+    ids = torch.tensor([5, 5, 7, 8])
+    per_token, shares = analyze.sign_split(projections, ids, seen={5})
+    assert per_token[5] == {"seen": True, "positive": 1, "negative": 1, "mean": -0.5}
+    assert per_token[7] == {"seen": False, "positive": 1, "negative": 0, "mean": 3.0}
+    assert shares == {"seen": 0.5, "never_seen": 0.5}
+
+
+# -----------------------------------------------------------------------------
 # Bad input in the functions: a ValueError subclass with one line
 
 
@@ -377,6 +440,9 @@ def runs(tmp_path_factory):
         out[adapter] = str(tmp / adapter)
         train.run(train.TrainConfig(adapter=adapter, out=out[adapter], steps=5, random_draws=0,
                                     cache_dir=str(tmp / "cache")))
+    out["lora1"] = str(tmp / "lora1")  # at the steering run's layer: the middle block of 4
+    train.run(train.TrainConfig(adapter="lora", layers=[2], out=out["lora1"], steps=5,
+                                random_draws=0, cache_dir=str(tmp / "cache")))
     return out
 
 
@@ -412,12 +478,15 @@ COMMANDS = {
                  "--site", "resid_pre,mlp_out,hook_resid_mid"],
     "attribution": ["--eval", "oocr_in_context", "--item", "0", "--direction", "noise"],
     "read_vector": ["--coefficients", "0,1", "--keep", "100,10,0"],
+    "lora_vs_steering": ["--steer-run", "{steer}", "--unrelated", "4"],
 }
+RUN_OF = {"lora_vs_steering": "lora1"}  # the run each subcommand reads (default: steer)
 
 
 @pytest.mark.parametrize("name", list(analyze.ANALYSES))
 def test_every_subcommand_writes_its_png_and_json(runs, name, tmp_path, capsys):
-    analyze.main([name, "--run", runs["steer"], "--out", str(tmp_path), *COMMANDS[name]])
+    argv = [a.format(steer=runs["steer"]) for a in COMMANDS[name]]
+    analyze.main([name, "--run", runs[RUN_OF.get(name, "steer")], "--out", str(tmp_path), *argv])
     record = written(str(tmp_path), name)
     assert record["analysis"] == name
     printed = capsys.readouterr().out
@@ -487,6 +556,32 @@ def test_read_vector_sweeps_end_at_the_runs_own_scores(runs, tmp_path):
         assert frozen["base"]["accuracy"] == base[name]
 
 
+def test_lora_vs_steering_scores_the_runs_as_they_scored_themselves(runs, tmp_path):
+    analyze.main(["lora_vs_steering", "--run", runs["lora1"], "--out", str(tmp_path),
+                  "--steer-run", runs["steer"], "--unrelated", "3"])
+    record = written(str(tmp_path), "lora_vs_steering")
+    scores = {}
+    for name in ("lora1", "steer"):
+        with open(os.path.join(runs[name], "metrics.json")) as f:
+            scores[name] = json.load(f)["eval"]
+    accuracy = record["accuracy"]
+    for key in ("in_distribution", "oocr"):
+        assert accuracy["base"][key] == scores["lora1"]["base"][key]
+        assert accuracy["lora"][key] == scores["lora1"]["final"][key]
+        assert accuracy["trained"][key] == scores["steer"]["final"][key]
+    assert record["hook"] == "blocks.2.hook_mlp_out"
+    assert -1 <= record["cos_natural_trained"] <= 1
+    groups = record["groups"]
+    assert groups["unrelated"]["n_tokens"] == 3 * 32  # three pretraining documents
+    assert groups["oocr"]["n_tokens"] == len(groups["oocr"]["projections"]) == 10  # 5 x BOS, probe
+    seen = set(record["seen_tokens"])  # BOS CH O0..O11 in fine-tuning; ME, AT, P, V never
+    assert {"1", "2"} <= set(record["sign_split"]["natural"]["per_token"])
+    per_token = record["sign_split"]["natural"]["per_token"]
+    assert all(entry["seen"] == (int(t) in seen) for t, entry in per_token.items())
+    assert not per_token["3"]["seen"]  # ME: the name probe's token
+    assert set(record["sign_split"]) == {"natural", "trained"}
+
+
 def test_a_plain_checkpoint_needs_a_tokenizer_and_a_prompt(runs, tmp_path):
     model_dir = os.path.join(runs["full"], "model")  # a toy checkpoint: no tokenizer files
     with pytest.raises(SystemExit, match="no tokenizer files"):
@@ -529,6 +624,12 @@ BAD = {
                                 "no eval set 'nope'"),
     "bad coefficients": (["read_vector", "--run", "{steer}", "--coefficients", "1,x"],
                          "comma-separated numbers"),
+    "lora_vs_steering on a steering run": (["lora_vs_steering", "--run", "{steer}"],
+                                           "reads a LoRA run at one layer"),
+    "lora_vs_steering on an all-layer LoRA": (["lora_vs_steering", "--run", "{lora}"],
+                                              "LoRAs at blocks [0, 1, 2, 3]"),
+    "--steer-run not a steering run": (["lora_vs_steering", "--run", "{lora1}", "--steer-run",
+                                        "{lora}"], "not a steering run"),
 }
 
 
@@ -538,7 +639,7 @@ def test_bad_input_is_one_line_on_the_command_line(runs, tmp_path, case):
     empty_run.mkdir()
     shutil.copy(os.path.join(runs["steer"], "config.json"), empty_run)  # no adapter file
     argv, expected = BAD[case]
-    argv = [a.format(steer=runs["steer"], lora=runs["lora"], empty_run=empty_run) for a in argv]
+    argv = [a.format(empty_run=empty_run, **runs) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         analyze.main([*argv, "--out", str(tmp_path / "out")])
     message = str(exit_info.value.code)

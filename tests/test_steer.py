@@ -302,13 +302,10 @@ def test_natural_vector_recovers_a_lora_that_adds_a_scaled_constant(arch):
     tokens = random_tokens(B=2, T=6)
     mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])  # valid t: 0..5 and 0..2
     with model.hooks([(f"blocks.{layer}.mlp.hook_post", set_neuron)]):
-        vector, stats = steer.lora_natural_vector(model, [(tokens, mask)], layer)
+        vector = steer.lora_natural_vector(model, [(tokens, mask)], layer)
     expected = c * (21 + 6) / 9  # mean of (1 + t) over the 9 valid tokens = 3
     found = vector.directions[str(layer)].detach()
     assert (found - expected).norm() / expected.norm() < 1e-3
-    assert stats["pc1_share"] == pytest.approx(1.0, abs=1e-5)
-    assert stats["mean_abs_cos"] == pytest.approx(1.0, abs=1e-5)
-    assert stats["n_tokens"] == 9
     assert (vector.method, vector.hook, vector.positions) == ("lora_natural", "hook_mlp_out", "all")
 
 
@@ -321,8 +318,8 @@ def test_natural_vector_isolates_its_own_blocks_lora():
     with torch.no_grad():
         model.blocks[0].mlp.down_proj.lora_B.weight.normal_(0, 0.5)
     tokens = random_tokens(B=2, T=6, seed=7)
-    vector, stats = steer.lora_natural_vector(model, [tokens], layer=1)
-    assert vector.directions["1"].abs().max() == 0 and stats["mean_norm"] == 0
+    vector = steer.lora_natural_vector(model, [tokens], layer=1)
+    assert vector.directions["1"].abs().max() == 0
     with lora.lora_disabled(model, layers=[1]):  # only block 1's adapter was off
         assert model.blocks[0].mlp.down_proj.enabled and not model.blocks[1].mlp.down_proj.enabled
     assert model.blocks[1].mlp.down_proj.enabled  # and back on afterwards
@@ -341,7 +338,7 @@ def test_natural_vector_of_a_random_lora_matches_numpy_svd():
     with torch.no_grad():
         adapter.lora_B.weight.normal_(0, 0.5)
     tokens = random_tokens(B=3, T=7, seed=5)
-    vector, stats = steer.lora_natural_vector(model, [tokens[:2], tokens[2:]], layer)
+    vector = steer.lora_natural_vector(model, [tokens[:2], tokens[2:]], layer)
     with lora.lora_disabled(model):
         _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.mlp.hook_post")
     h = cache[f"blocks.{layer}.mlp.hook_post"].reshape(-1, 32).double().numpy()  # (N, d_mlp)
@@ -352,10 +349,8 @@ def test_natural_vector_of_a_random_lora_matches_numpy_svd():
     norms = np.linalg.norm(diffs, axis=1)
     found = vector.directions[str(layer)].detach().numpy()
     np.testing.assert_allclose(found, pc1 * norms.mean(), rtol=1e-4, atol=1e-5)
-    assert stats["pc1_share"] == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-5)
-    assert stats["mean_abs_cos"] == pytest.approx(np.mean(np.abs(diffs @ pc1) / norms), abs=1e-5)
-    assert stats["n_tokens"] == 21
-    assert stats["pc1_share"] < 0.99  # a genuinely multi-directional LoRA
+    assert s[0] ** 2 / (s**2).sum() < 0.99  # a genuinely multi-directional LoRA
+    # the PC1 share, |cos| and the sign per token: analyze.py's lora_vs_steering (test_analyze.py)
 
 
 # -----------------------------------------------------------------------------
