@@ -904,14 +904,16 @@ def pc1_share(diffs):
 
 def diff_stats(diffs, direction):
     """diffs (N, d), direction (d,) -> {"n_tokens", "pc1_share" (of these diffs), "mean_abs_cos"
-    (between distinct tokens' diffs), "mean_abs_cos_pc1" (each diff with direction), "mean_norm"}."""
+    (between distinct tokens' diffs), "mean_abs_cos_pc1" (each diff with direction),
+    "mean_norm"}."""
     n = diffs.shape[0]
     cos = abs_cos(diffs)
     off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, n * (n - 1))
     unit = direction / direction.norm().clamp_min(1e-30)
     with_pc1 = (diffs @ unit).abs() / diffs.norm(dim=1).clamp_min(1e-30)
     return {"n_tokens": n, "pc1_share": pc1_share(diffs), "mean_abs_cos": float(off_diagonal),
-            "mean_abs_cos_pc1": float(with_pc1.mean()), "mean_norm": float(diffs.norm(dim=1).mean())}
+            "mean_abs_cos_pc1": float(with_pc1.mean()),
+            "mean_norm": float(diffs.norm(dim=1).mean())}
 
 
 def sign_split(projections, ids, seen):
@@ -973,8 +975,8 @@ def lora_vs_steering(subject, trained=None, n_unrelated=32):
     layer, hook = lora_site(subject)
     groups = lora_groups(subject, n_unrelated)
     with subject.state(True):
-        natural = steer.lora_natural_vector(subject.model, prompt_batches(groups["in_distribution"]),
-                                            layer, hook)
+        batches = prompt_batches(groups["in_distribution"])
+        natural = steer.lora_natural_vector(subject.model, batches, layer, hook)
     direction = natural.directions[str(layer)].detach().float().cpu()  # (d_model,)
     directions = {"natural": unit(direction)}
     if trained is not None and cos_natural_trained(direction, trained, layer) is not None:
