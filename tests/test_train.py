@@ -138,7 +138,8 @@ def test_every_adapter_lowers_training_loss(short_default, tmp_path, adapter):
     task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     pad_id = task.tokenizer.pad_id  # a toy world brings its own tokenizer
     data_scores, _ = baselines.data_baselines(model, task.train_examples(), pad_id,
-                                              task.eval_sets(), batch_size=cfg.eval_batch_size)
+                                              train.claim_sets(task.eval_sets()),
+                                              batch_size=cfg.eval_batch_size)
     assert {k: m["baselines"][k] for k in data_scores} == data_scores
     vector_only = {"direct_path", "random_mean", "random_p95"}
     assert (vector_only <= set(m["baselines"])) == (adapter == "steer")
