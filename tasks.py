@@ -96,12 +96,14 @@ def option_logprobs(model, items, batch_size=64, device="cpu"):
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         tokens, targets = collate([e for _, e in chunk])
-        logp = model(tokens.to(device)).float().log_softmax(-1).cpu()  # (B, T, V)
-        # IGNORE is no token id: gather at 0 there, and the mask zeroes those positions
-        index = targets.clamp(min=0)[..., None]  # (B, T, 1)
-        picked = logp.gather(-1, index)[..., 0]  # (B, T)
+        logits = model(tokens.to(device))  # (B, T, V)
         is_answer = targets != IGNORE  # (B, T)
-        sums = (picked * is_answer).sum(-1)  # (B,)
+        # log-softmax only where an option token is predicted: over a long prompt, an fp32 copy
+        # of a real model's logits at every position is gigabytes
+        logp = logits[is_answer.to(logits.device)].float().log_softmax(-1).cpu()  # (n, V)
+        picked = logp.gather(-1, targets[is_answer][:, None])[:, 0]  # (n,)
+        row = is_answer.nonzero()[:, 0]  # (n,) the sequence each option token belongs to
+        sums = torch.zeros(len(chunk)).index_add_(0, row, picked)  # (B,)
         for (i, _), s in zip(chunk, sums.tolist()):
             scores[i].append(s)
     return scores

@@ -153,7 +153,9 @@ class TrainConfig:
                       choices=["float32", "bfloat16"])
     eval_every: int = flag(50, "steps between the curve evals", type=positive_int)
     checkpoint_every: int = flag(50, "steps between checkpoints", type=positive_int)
-    eval_batch_size: int = flag(64, "sequences per eval forward", type=positive_int)
+    eval_batch_size: int | None = flag(None, "sequences per eval forward", type=positive_int,
+                                       shown="64 on toy models, 8 on real ones (a real model's "
+                                       "fp32 logits over a 600-token prompt take 120 MB)")
     random_draws: int = flag(20, "random vectors of the trained vector's norm scored as a "
                              "baseline (steering runs); 0 skips them", type=int)
     out: str = flag("", "run directory", shown="runs/<task>-<adapter>-seed<seed>")
@@ -265,6 +267,7 @@ def with_defaults(cfg):
         steps=cfg.steps or (200 if is_toy(cfg) else 100),
         batch_size=cfg.batch_size or (128 if is_toy(cfg) else 16),
         threads=cfg.threads or (1 if is_toy(cfg) else None),
+        eval_batch_size=cfg.eval_batch_size or (64 if is_toy(cfg) else 8),
         out=cfg.out or os.path.join("runs", f"{cfg.task}-{cfg.adapter}-seed{cfg.seed}"),
     )
 

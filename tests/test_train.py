@@ -99,7 +99,7 @@ def evaluate_files(cfg, model):
     """Accuracies of `model` (the base reloaded from disk, with the run's adapter) on the run's
     eval sets, as run() computes them."""
     task = train.get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
-    return tasks.evaluate(model, task.eval_sets(task.tokenizer), batch_size=cfg.eval_batch_size)
+    return tasks.evaluate(model, task.eval_sets(task.tokenizer), batch_size=64)  # the toy default
 
 
 def test_steer_leaves_base_weights_untouched(short_default):
@@ -139,7 +139,7 @@ def test_every_adapter_lowers_training_loss(short_default, tmp_path, adapter):
     pad_id = task.tokenizer.pad_id  # a toy world brings its own tokenizer
     data_scores, _ = baselines.data_baselines(model, task.train_examples(), pad_id,
                                               train.claim_sets(task.eval_sets()),
-                                              batch_size=cfg.eval_batch_size)
+                                              batch_size=64)  # the toy default
     assert {k: m["baselines"][k] for k in data_scores} == data_scores
     vector_only = {"direct_path", "random_mean", "random_p95"}
     assert (vector_only <= set(m["baselines"])) == (adapter == "steer")
