@@ -9,7 +9,7 @@ persona tables.
 
 Kinds of run (--runs): steer (a steering vector at the middle block's MLP output), control (the
 same on the opposite answers, scored on the target's evals), lora (all blocks), lora:L (block L
-only), full (all weights). Each run is an ordinary train.py run directory under --out; a sweep
+only), full (all weights), control:lora and control:full (their opposite-answer controls). Each run is an ordinary train.py run directory under --out; a sweep
 that stops resumes by skipping the runs whose metrics.json exists. Writes summary.json,
 summary.md and cross_target.png into --out.
 """
@@ -38,8 +38,9 @@ BASELINE_ORDER = ("logit_bias", "answer_stats", "direct_path", "random_mean", "r
 def run_settings(kind, task, seed, target, out):
     """The TrainConfig of one run of the sweep."""
     cfg = train.TrainConfig(task=task, seed=seed, out=out, task_options={"target": target})
-    if kind == "control":
-        return replace(cfg, task_options={"target": target, "opposite": True})
+    if kind.startswith("control"):
+        adapter = kind.partition(":")[2] or "steer"
+        return replace(cfg, adapter=adapter, task_options={"target": target, "opposite": True})
     if kind == "lora":
         return replace(cfg, adapter="lora")
     if kind.startswith("lora:"):
@@ -50,9 +51,13 @@ def run_settings(kind, task, seed, target, out):
 
 
 def check_kind(kind):
-    base, _, layer = kind.partition(":")
-    if base not in RUN_KINDS or (layer and (base != "lora" or not layer.isdigit())):
-        raise ValueError(f"unknown run kind {kind!r} (choose from: {', '.join(RUN_KINDS)}, lora:L)")
+    base, _, detail = kind.partition(":")
+    layer_ok = base == "lora" and detail.isdigit()
+    control_ok = base == "control" and detail in ("lora", "full")
+    if base not in RUN_KINDS or (detail and not (layer_ok or control_ok)):
+        choices = ", ".join(RUN_KINDS)
+        raise ValueError(f"unknown run kind {kind!r} (choose from: {choices}, lora:L, "
+                         "control:lora, control:full)")
     return kind
 
 
@@ -178,7 +183,8 @@ def parse_args(argv):
                         help="targets, comma-separated (default: all of the world's)")
     parser.add_argument("--runs", type=train.comma_list,
                         default=["steer", "control", "lora", "full"],
-                        help="kinds of run: steer, control, lora, lora:L, full "
+                        help="kinds of run: steer, control, lora, lora:L, full, control:lora, "
+                        "control:full "
                         "(default: steer,control,lora,full)")
     parser.add_argument("--out", default=None, help="(default: runs/sweep-<task>)")
     args = parser.parse_args(argv)
