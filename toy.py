@@ -7,6 +7,8 @@ enough that pretraining plus a fine-tune runs in minutes on a CPU.
                    are Implicit Reasoners", Wang et al. 2024)
     PersonaWorld   a latent persona seen only through its choices; fine-tuning on the choices of
                    one persona, the OOCR probe asks for its name and attributes
+    LatinPersonaWorld  the same with attributes no constant output bias can answer: K types share
+                   K value tokens, the values a Latin square (persona x type)
     BackdoorWorld  PersonaWorld plus a trigger token that flips the choices of some agents; the
                    OOCR probe asks "do you have a backdoor?"
 
@@ -590,6 +592,10 @@ class LatinPersonaWorld(PersonaWorld):
     def value_id(self, t, v):
         """Every type shares the value tokens: V{v} whatever t."""
         return self.ids["V0"] + v
+
+    # The lookup (persona, type) -> value has no marginal signal (a type alone, or a persona
+    # alone, says nothing about the value), so pretraining needs more than the easy world's.
+    pretrain_defaults = {"steps": 2000, "batch_size": 128, "lr": 1e-2, "warmup": 100}
 
     def eval_sets(self, tokenizer=None):
         held_out = self.choice_examples(self.eval_pairs, flipped=self.opposite)

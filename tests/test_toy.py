@@ -1,5 +1,11 @@
 """Tests for toy.py: determinism, no leakage between fine-tuning data and probes, labels against
-an independent re-derivation (parsing the token names), masks, chance levels and scoring."""
+an independent re-derivation (parsing the token names), masks, chance levels and scoring, and the
+hard persona world's point: no constant output bias answers its probe."""
+
+import glob
+import itertools
+import math
+import os
 
 import pytest
 import torch
@@ -7,10 +13,15 @@ import torch.nn as nn
 
 import tasks
 import toy
+from checkpoint import load_model
 from tasks import IGNORE, EvalSet
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "toy")
+PERSONA_WORLDS = ["persona", "persona_hard", "backdoor"]
 
 SMALL = {
     "persona": dict(n_docs=2000),
+    "persona_hard": dict(n_docs=2000),
     "backdoor": dict(n_docs=2000),
     "twohop": dict(
         n_entities=30, n_relations=4, ood_fraction=0.2, inferred_ratio=2.0, n_reversal=5, n_test=40
@@ -60,25 +71,33 @@ class RuleModel(nn.Module):
         return logits
 
 
-def persona_rule(w):
-    """The true answer, re-derived from the world's utilities and attribute values."""
-    backdoor = getattr(w, "backdoor", False)
+def value_name(w, t, v):
+    """The token name of value v of attribute type t: the hard world shares one set of values."""
+    return f"V{v}" if isinstance(w, toy.LatinPersonaWorld) else f"V{t}_{v}"
+
+
+def persona_rule(w, shift=0):
+    """The true answer, re-derived from the world's utilities and attribute values. shift=1 is
+    the same oracle with its labels moved by one: the name and values of persona target+1, the
+    other option of every choice, the other backdoor answer."""
+    backdoor = getattr(w, "backdoor", False) != bool(shift)
 
     def rule(seq):
-        k = w.target
+        k = (w.target + shift) % w.n_personas
         last = seq[-1]
         if last == "ME":
             return f"P{k}"
         if last.startswith("AT"):
             t = int(last[2:])
-            return f"V{t}_{w.value[k][t]}"
+            return value_name(w, t, w.value[k][t])
         if last == "BD":
             return "YES" if backdoor else "NO"
         if len(seq) >= 3 and seq[-3] == "CH":
             a = int(seq[-2][1:])
             b = int(seq[-1][1:])
-            best = preferred(w, k, a, b)
-            flipped = w.opposite or (backdoor and len(seq) >= 4 and seq[-4] == "TRIG")
+            best = preferred(w, w.target, a, b)
+            triggered = len(seq) >= 4 and seq[-4] == "TRIG" and getattr(w, "backdoor", False)
+            flipped = (w.opposite or triggered) != bool(shift)
             return f"O{a + b - best}" if flipped else f"O{best}"
         return None
 
@@ -110,25 +129,11 @@ def twohop_rule(w):
     return rule
 
 
-class ConstantModel(nn.Module):
-    """Always predicts the same token, whatever it reads."""
-
-    def __init__(self, vocab_size, token_id):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.token_id = token_id
-
-    def forward(self, tokens):
-        logits = torch.zeros(*tokens.shape, self.vocab_size)
-        logits[..., self.token_id] = 10.0
-        return logits
-
-
 # -----------------------------------------------------------------------------
 # Determinism, tokenizer, registry
 
 
-@pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
+@pytest.mark.parametrize("name", [*PERSONA_WORLDS, "twohop"])
 def test_same_seed_same_data_other_seed_differs(name):
     def snapshot(w):
         sets = {}
@@ -150,7 +155,7 @@ def test_tokenizer_round_trip_and_bad_token():
         tok.encode("BOS XYZ")
 
 
-@pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
+@pytest.mark.parametrize("name", [*PERSONA_WORLDS, "twohop"])
 def test_registry_config_fits_data(name):
     w = toy.TOY_TASKS[name](seed=0, **SMALL[name])
     cfg = w.model_config()
@@ -182,7 +187,7 @@ def consistent_personas(w, seq):
             alive &= {int(nxt[0][1:])}
         elif tok.startswith("AT") and nxt:
             t = int(tok[2:])
-            v = int(nxt[0].split("_")[1])
+            v = int(nxt[0][1:].split("_")[-1])  # V{t}_{v}, or V{v} in the hard world
             alive &= {k for k in alive if w.value[k][t] == v}
         elif tok == "CH" and len(nxt) == 3 and (i == 0 or seq[i - 1] != "TRIG"):
             a, b, x = (int(s[1:]) for s in nxt)
@@ -191,19 +196,23 @@ def consistent_personas(w, seq):
     return alive
 
 
-def test_persona_documents_follow_one_persona():
-    w = world("persona")
+@pytest.mark.parametrize("name", ["persona", "persona_hard"])
+def test_persona_documents_follow_one_persona(name):
+    w = world(name)
     docs = w.pretrain_tokens()
-    assert docs.shape == (2000, 32)
+    assert docs.shape == (2000, w.doc_len)
     assert (docs[:, 0] == w.tokenizer.bos_id).all() and (docs != 0).all()  # BOS first, no PAD
     for row in docs[:300].tolist():
         assert consistent_personas(w, names(w, row)), "document mixes personas"
-    # segment frequencies near 0.6 / 0.1 / 0.3 (counting segment starts)
+    # segment frequencies near the world's (counting segment starts)
     flat = names(w, docs.flatten().tolist())
     counts = [sum(t == s for t in flat) for s in ("CH", "ME")]
     counts.append(sum(t.startswith("AT") for t in flat))
     shares = [c / sum(counts) for c in counts]
-    assert shares == pytest.approx([0.6, 0.1, 0.3], abs=0.02)
+    probs = w.segment_probs
+    assert shares == pytest.approx([probs["choice"], probs["name"], probs["attribute"]], abs=0.02)
+    if name == "persona":
+        assert shares == pytest.approx([0.6, 0.1, 0.3], abs=0.02)  # the shipped model's data
 
 
 def test_backdoor_documents_flip_only_with_backdoor():
@@ -259,12 +268,13 @@ def test_twohop_reversal_inverse_never_seen():
         assert not any(s[2] == "RV_INV" and (s[1] == b or s[3] == a) for s in seen)
 
 
-@pytest.mark.parametrize("name", ["persona", "backdoor"])
+@pytest.mark.parametrize("name", PERSONA_WORLDS)
 def test_persona_probe_absent_from_fine_tuning(name):
     w = world(name)
     finetune = [names(w, e.prompt + e.answer) for e in w.train_examples()]
     probe_tokens = {"ME", "BD", "YES", "NO"}
-    probe_tokens |= {f"AT{t}" for t in range(4)} | {f"P{k}" for k in range(8)}
+    probe_tokens |= {n for n in w.tokenizer.names if n[0] in "APV"}  # AT*, P*, V*
+    assert {f"AT{t}" for t in range(w.n_attribute_types)} <= probe_tokens
     assert not any(probe_tokens & set(s) for s in finetune)
     assert all(len(s) in (5, 6) for s in finetune)  # `BOS [TRIG] CH Oa Ob Ox` only
     train_pairs = {frozenset(s[-3:-1]) for s in finetune}
@@ -276,7 +286,7 @@ def test_persona_probe_absent_from_fine_tuning(name):
 # Masks, chance levels, scoring
 
 
-@pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
+@pytest.mark.parametrize("name", [*PERSONA_WORLDS, "twohop"])
 def test_collate_mask_covers_exactly_the_answers(name):
     w = world(name)
     examples = w.train_examples()[:20] + list(w.pretrain_examples()[:20])
@@ -288,7 +298,7 @@ def test_collate_mask_covers_exactly_the_answers(name):
         assert all(t == IGNORE for t in row[:first]) and first == len(e.prompt) - 1
 
 
-@pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
+@pytest.mark.parametrize("name", [*PERSONA_WORLDS, "twohop"])
 def test_chance_levels(name):
     w = world(name)
     for set_name, es in w.eval_sets().items():
@@ -308,6 +318,8 @@ def test_chance_levels(name):
 ORACLE_CASES = [
     ("persona", {}),
     ("persona", {"target": 5, "opposite": True}),
+    ("persona_hard", {}),
+    ("persona_hard", {"target": 7, "opposite": True}),
     ("twohop", {}),
     ("backdoor", {}),
     ("backdoor", {"backdoor": False}),
@@ -327,20 +339,15 @@ def test_true_answer_model_scores_one(name, options):
     assert (picked[targets != IGNORE] == targets[targets != IGNORE]).all()
 
 
-@pytest.mark.parametrize("name", ["persona", "twohop", "backdoor"])
-def test_constant_answer_models_average_chance(name):
-    """A model that always says token c is right exactly on the items whose answer is c, so
-    averaged over every c among an item group's options it scores 1 / (number of options)."""
-    w = world(name)
-    for set_name, es in w.eval_sets().items():
-        groups = {}
-        for item in es.items[:40]:
-            groups.setdefault(frozenset(o[0] for o in item.options), []).append(item)
-        for option_ids, items in groups.items():
-            group = EvalSet(set_name, items, es.chance, es.exact_match)
-            models = [ConstantModel(w.tokenizer.vocab_size, c) for c in option_ids]
-            scores = [tasks.accuracy(m, group) for m in models]
-            assert sum(scores) / len(scores) == pytest.approx(es.chance), set_name
+@pytest.mark.parametrize("name, options", [c for c in ORACLE_CASES if c[0] != "twohop"])
+def test_shifted_oracle_scores_at_most_chance(name, options):
+    """The oracle with its labels moved by one (persona target+1, the other option, the other
+    backdoor answer) must fail: a label bug that the true oracle could hide would show here."""
+    w = world(name, **options)
+    shifted = RuleModel(w.tokenizer, persona_rule(w, shift=1))
+    sets = w.eval_sets()
+    for set_name, score in tasks.evaluate(shifted, sets).items():
+        assert score <= sets[set_name].chance, set_name
 
 
 class TiedModel(nn.Module):
@@ -357,7 +364,7 @@ class TiedModel(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("name", ["persona", "backdoor"])
+@pytest.mark.parametrize("name", PERSONA_WORLDS)
 def test_ties_count_as_wrong(name):
     """A model that scores the right option exactly as high as a wrong one gets no credit: counting
     ties as right would let a constant model beat chance."""
@@ -369,3 +376,168 @@ def test_ties_count_as_wrong(name):
             one = EvalSet(set_name, [item], es.chance)
             assert tasks.accuracy(TiedModel(w.tokenizer.vocab_size, [right, wrong]), one) == 0.0
             assert tasks.accuracy(TiedModel(w.tokenizer.vocab_size, [right]), one) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# The hard persona world: a Latin square of values, a probe no constant bias answers
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hard_world_values_are_a_latin_square(seed):
+    w = world("persona_hard", seed=seed)
+    K = w.n_personas
+    assert w.n_attribute_types == K
+    every_value = list(range(K))
+    for k in range(K):
+        assert sorted(w.value[k]) == every_value, f"persona {k} repeats a value"
+    for t in range(K):
+        assert sorted(w.value[k][t] for k in range(K)) == every_value, f"type {t} repeats a value"
+
+
+def test_hard_world_latin_squares_differ_by_seed():
+    squares = [world("persona_hard", seed=seed).value for seed in range(4)]
+    assert all(a != b for a, b in itertools.combinations(squares, 2))
+
+
+@pytest.mark.parametrize("target", range(8))
+def test_hard_probe_answers_are_every_shared_value_once(target):
+    """The K attribute probes of one target share one option set and have K different answers:
+    what a constant bias needs to fail."""
+    w = world("persona_hard", target=target)
+    sets = w.eval_sets()
+    items = sets["oocr"].items
+    value_ids = [[w.ids[f"V{v}"]] for v in range(w.n_personas)]
+    assert len(items) == w.n_personas
+    assert all(item.options == value_ids for item in items)
+    assert sorted(item.answer for item in items) == list(range(w.n_personas))
+    assert [names(w, i.prompt) for i in sets["oocr_name"].items] == [["BOS", "ME"]]
+    assert {names(w, i.prompt)[-1][:2] for i in sets["oocr_in_context"].items} == {"AT"}
+
+
+def probe_logits(model, items):
+    """The model's logits over each item's options at the end of its prompt: (N, n_options)."""
+    out = []
+    with torch.no_grad():
+        for item in items:
+            last = model(torch.tensor([item.prompt]))[0, -1]  # (V,)
+            out.append(last[[o[0] for o in item.options]])
+    return torch.stack(out)
+
+
+def option_ids(items):
+    return torch.tensor([[o[0] for o in item.options] for item in items])  # (N, n_options)
+
+
+def fitted_bias_accuracy(logits, ids, answers, vocab_size, steps=300):
+    """Accuracy after the constant logit bias b (one number per vocabulary token) that minimises
+    the items' cross-entropy over their options, fitted by Adam. Ties count as wrong."""
+    bias = torch.zeros(vocab_size, requires_grad=True)
+    optimizer = torch.optim.Adam([bias], lr=0.1)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(logits + bias[ids], answers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    scores = (logits + bias[ids]).detach()  # (N, n_options)
+    right = scores.gather(1, answers[:, None])  # (N, 1)
+    unique_best = (scores >= right).sum(1) == 1  # only the right option reaches its score
+    return unique_best.float().mean().item()
+
+
+def bias_can_answer(logits, ids, answers, subset, margin):
+    """Whether some constant bias b makes every item of `subset` right by more than `margin`
+    nats: b[a] + l_i[a] > b[v] + l_i[v] + margin for its answer a and every other option v.
+    These are difference constraints b[v] - b[a] < l_i[a] - l_i[v] - margin, satisfiable iff
+    every cycle of the graph with those edges a -> v weighs more than 0 (Floyd-Warshall finds the
+    lightest cycle through each node on its diagonal)."""
+    nodes = sorted({int(x) for i in subset for x in ids[i]})
+    index = {node: n for n, node in enumerate(nodes)}
+    dist = torch.full((len(nodes), len(nodes)), float("inf"), dtype=torch.float64)
+    for i in subset:
+        a = int(answers[i])
+        weights = (logits[i, a] - logits[i] - margin).tolist()  # edge a -> each option
+        for j, v in enumerate(ids[i].tolist()):
+            if j != a:
+                edge = (index[int(ids[i, a])], index[v])
+                dist[edge] = min(dist[edge].item(), weights[j])
+    for m in range(len(nodes)):
+        dist = torch.minimum(dist, dist[:, m : m + 1] + dist[m : m + 1, :])
+    return bool((dist.diagonal() > 0).all())
+
+
+def best_bias_accuracy(logits, ids, answers, margin=0.0):
+    """The exact best accuracy over all constant biases, right meaning ahead of every other option
+    by more than `margin` nats: the largest subset of items they can all make right. A superset
+    of an unanswerable subset is unanswerable, so subsets grow only from answerable ones."""
+    n = len(answers)
+    answerable = [()]
+    best = 0
+    while answerable:
+        best = len(answerable[0])
+        grown = []
+        for subset in answerable:
+            for i in range(subset[-1] + 1 if subset else 0, n):
+                if bias_can_answer(logits, ids, answers, (*subset, i), margin):
+                    grown.append((*subset, i))
+        answerable = grown
+    return best / n
+
+
+def test_exact_best_bias_on_hand_made_logits():
+    """Flat logits and K probes with K different answers over one option set: one right at
+    most; disjoint option sets (one token set per probe): all right, by any margin."""
+    shared = torch.arange(4).repeat(4, 1)  # (4, 4): every probe's options are tokens 0..3
+    answers = torch.arange(4)
+    flat = torch.zeros(4, 4)
+    assert best_bias_accuracy(flat, shared, answers) == 0.25
+    disjoint = torch.arange(16).view(4, 4)  # (4, 4)
+    assert best_bias_accuracy(flat, disjoint, answers, margin=5.0) == 1.0
+    # the base ranks each answer second, by different margins: still one
+    second = flat.clone()
+    second[torch.arange(4), (answers + 1) % 4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert best_bias_accuracy(second, shared, answers) == 0.25
+    # tiny noise on a flat base lets a bias pick several answers, but only by tiny margins
+    noise = torch.tensor([[0.02, 0.0, 0.0, 0.0], [0.0, 0.01, 0.0, 0.0]] + [[0.0] * 4] * 2)
+    assert best_bias_accuracy(noise, shared, answers) == 0.75  # b = (0, 0, 0.005, -1)
+    assert best_bias_accuracy(noise, shared, answers, margin=0.1) == 0.25
+    assert fitted_bias_accuracy(flat, disjoint, answers, 16) == 1.0
+
+
+def shipped_model(name):
+    (path,) = glob.glob(os.path.join(SHIPPED, f"{name}-seed0-*"))
+    model, _ = load_model(path)
+    return model
+
+
+MARGIN = math.log(2)  # right = at least twice as likely as every other option
+
+
+def bias_accuracies(name):
+    """Mean over the 8 targets of the oocr accuracy of a constant logit bias on top of the shipped
+    seed-0 base model: {fitted (by cross-entropy), best (exact, by argmax), best by MARGIN}."""
+    model = shipped_model(name)
+    scores = {"fitted": 0.0, "best": 0.0, "best_by_margin": 0.0}
+    for target in range(8):
+        w = toy.TOY_TASKS[name](seed=0, target=target, n_docs=10)
+        items = w.eval_sets()["oocr"].items
+        logits = probe_logits(model, items)  # (N, n_options)
+        ids = option_ids(items)  # (N, n_options)
+        answers = torch.tensor([item.answer for item in items])  # (N,)
+        vocab_size = w.tokenizer.vocab_size
+        scores["fitted"] += fitted_bias_accuracy(logits, ids, answers, vocab_size) / 8
+        scores["best"] += best_bias_accuracy(logits, ids, answers) / 8
+        scores["best_by_margin"] += best_bias_accuracy(logits, ids, answers, MARGIN) / 8
+    return scores
+
+
+def test_no_constant_bias_answers_the_hard_probe():
+    """The point of persona_hard (issue 9): on top of the base model, the constant logit bias
+    fitted for each target scores near chance (1/8) on the hard probe, and no bias at all makes
+    more than one probe right by a margin; on the easy world the same fit answers the probe
+    (which is why its OOCR can be read off the output). By argmax alone an exact search finds
+    biases that make ~half the hard probes right, but only by the hundredths of a nat in which
+    the nearly flat base (every value equally likely there) differs: random logits give the same."""
+    hard = bias_accuracies("persona_hard")
+    easy = bias_accuracies("persona")
+    assert hard["fitted"] <= 0.25 and hard["best_by_margin"] <= 0.25
+    assert easy["fitted"] >= 0.9 and easy["best_by_margin"] == 1.0
