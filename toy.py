@@ -571,6 +571,9 @@ class LatinPersonaWorld(PersonaWorld):
                          so a bias can answer it
         oocr_in_context  the attribute probes after n_context true choices of the target: the
                          capability check of the lookup that oocr asks for
+    On the shipped seed-0 base model a constant logit bias fitted to each target's probe scores
+    0.125, and none makes more than one probe right by a margin (the easy world: 1.0; see
+    tests/test_toy.py).
     """
 
     @property
@@ -595,6 +598,12 @@ class LatinPersonaWorld(PersonaWorld):
 
     # The lookup (persona, type) -> value has no marginal signal (a type alone, or a persona
     # alone, says nothing about the value), so pretraining needs more than the easy world's.
+    # Measured (seed 0, AdamW wd 0.1, cosine; in-context check = oocr_in_context, mean over the 8
+    # targets): lr 3e-3, 500 steps -> 0.12 (the lookup not learned even after a name); lr 1e-2:
+    # the lookup after a name is learned by ~500 steps, then the persona read off the choices is
+    # what limits: 1500 steps -> 0.47, 2000 -> 0.51 (seeds 1, 2: 0.56, 0.37; 244 s of CPU on 2
+    # cores), 3000 -> seed 2 0.63 (353 s). lr 2e-2, a larger model (d 128) or more name or
+    # attribute segments did not learn faster per step (single runs).
     pretrain_defaults = {"steps": 2000, "batch_size": 128, "lr": 1e-2, "warmup": 100}
 
     def eval_sets(self, tokenizer=None):
