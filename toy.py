@@ -601,9 +601,12 @@ class LatinPersonaWorld(PersonaWorld):
     # Measured (seed 0, AdamW wd 0.1, cosine; in-context check = oocr_in_context, mean over the 8
     # targets): lr 3e-3, 500 steps -> 0.12 (the lookup not learned even after a name); lr 1e-2:
     # the lookup after a name is learned by ~500 steps, then the persona read off the choices is
-    # what limits: 1500 steps -> 0.47, 2000 -> 0.51 (seeds 1, 2: 0.56, 0.37; 244 s of CPU on 2
-    # cores), 3000 -> seed 2 0.63 (353 s). lr 2e-2, a larger model (d 128) or more name or
-    # attribute segments did not learn faster per step (single runs).
+    # what limits: 1500 steps -> 0.47, 2000 -> 0.51 (seeds 1, 2: 0.56, 0.37; ~245 s of CPU
+    # time each on a 2-core machine), 3000 -> 0.56, 0.73, 0.63 (seeds 0, 1, 2; ~350 s each).
+    # lr 2e-2, a larger model (d 128) or more name or attribute segments did not learn faster
+    # per step (single runs). The base model knows the lookup after a name (1.00) and who
+    # speaks after 6 choices (0.83 at 2000 steps); reading the lookup off that inferred persona
+    # is what stays weak.
     pretrain_defaults = {"steps": 2000, "batch_size": 128, "lr": 1e-2, "warmup": 100}
 
     def eval_sets(self, tokenizer=None):
