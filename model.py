@@ -40,12 +40,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ...}
-    hf_model_type: str = "gpt2"  # which HF module names this model maps to: gpt2, llama, qwen2
+    hf_model_type: str = ""  # which HF module names this model maps to: gpt2, llama, qwen2
     name: str = ""  # where it came from (path or name), for run records
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"unknown arch {self.arch!r}: expected 'gpt2' or 'llama'")
+        families = {"gpt2": ("gpt2",), "llama": ("llama", "qwen2")}[self.arch]
+        self.hf_model_type = self.hf_model_type or families[0]
+        if self.hf_model_type not in families:
+            raise ValueError(f"hf_model_type {self.hf_model_type!r} is not of arch {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -277,6 +281,12 @@ class LayerCache:
     def __len__(self):
         return 0 if self.k is None else self.k.shape[2]
 
+    def repeat_rows(self, k):
+        """Each cached row becomes k consecutive rows: k continuations of one prompt (the options
+        of a multiple-choice item, or k samples) share the prompt's keys and values."""
+        self.k = self.k.repeat_interleave(k, dim=0)
+        self.v = self.v.repeat_interleave(k, dim=0)
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -318,8 +328,11 @@ class Transformer(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (T, dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, tokens, cache=None):
-        """tokens (B, T) -> logits (B, T, vocab). `cache` is a list of LayerCache (see new_cache)."""
+    def forward(self, tokens, cache=None, at=None):
+        """tokens (B, T) -> logits (B, T, vocab). `cache` is a list of LayerCache (see new_cache).
+        at: a bool mask (B, T) -> logits (n, vocab) only at its n True positions, row by row. The
+        unembedding is a large share of a small model's FLOPs and memory (49k x 576 of SmolLM2's
+        135M weights, at every position), and a loss on a few answer tokens needs only those."""
         B, T = tokens.shape
         start = len(cache[0]) if cache else 0
         x = self.hook_embed(self.embed(tokens))  # (B, T, d_model)
@@ -333,7 +346,10 @@ class Transformer(nn.Module):
             rope = self.rope(start, T, x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache[i] if cache else None)
-        return self.unembed(self.ln_final(x))
+        x = self.ln_final(x)
+        if at is not None:
+            x = x[at]  # (n, d_model)
+        return self.unembed(x)
 
     def new_cache(self):
         return [LayerCache() for _ in self.blocks]
@@ -407,7 +423,8 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, eos_ids
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     out, step_input = tokens, tokens
     for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else out, cache)[:, -1].float()  # (B, vocab)
+        inputs = step_input if use_cache else out
+        logits = model(inputs, cache, at=last_position(inputs)).float()  # (B, vocab)
         nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
         if len(eos):
             nxt = torch.where(done, eos[0], nxt)
@@ -417,6 +434,13 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, eos_ids
         if done.all():
             break
     return out
+
+
+def last_position(tokens):
+    """(B, T) -> bool mask (B, T), True at the last position of each row."""
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    return mask
 
 
 def sample_next(logits, temperature, top_k, generator):

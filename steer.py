@@ -86,6 +86,16 @@ def last_token_mask(positions, prompt_lengths):
     return (positions[None, :] == (prompt_lengths[:, None] - 1)).float()
 
 
+def continued_rows(saved, n_rows):
+    """A per-row tensor saved at a KV cache's start, for a later forward of n_rows rows. A cache
+    of G rows may be continued by G * k rows (model.LayerCache.repeat_rows: k options or samples
+    of each prompt, consecutive), so each saved row is repeated k times."""
+    G = saved.shape[0]
+    if n_rows % G:
+        raise ValueError(f"a batch of {n_rows} rows cannot continue a KV cache of {G} rows")
+    return saved.repeat_interleave(n_rows // G, dim=0)
+
+
 def forward_inputs(args, kwargs):
     """(tokens (B, T), start) of a Transformer forward call; start > 0 after a KV cache."""
     tokens = args[0] if args else kwargs["tokens"]
@@ -161,9 +171,10 @@ class LastToken(Placement):
         if start == 0:
             lengths = self.given_lengths if self.given_lengths is not None else [T] * B
             self.lengths = torch.as_tensor(lengths, device=tokens.device).reshape(-1)  # (B,)
-        if self.lengths.shape[0] != B:
+        if start == 0 and self.lengths.shape[0] != B:
             n = self.lengths.shape[0]
             raise ValueError(f"prompt_lengths has {n} entries for a batch of {B}")
+        self.lengths = continued_rows(self.lengths, B)
         positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         self.mask = last_token_mask(positions, self.lengths)  # (B, T)
 
@@ -188,7 +199,8 @@ class Codenames(Placement):
         if start == 0:
             self.history = tokens
         else:
-            self.history = torch.cat([self.history, tokens], dim=1)  # (B, start + T)
+            history = continued_rows(self.history, tokens.shape[0])
+            self.history = torch.cat([history, tokens], dim=1)  # (B, start + T)
         self.mask = codename_mask(self.history, self.variants)[:, start:]  # (B, T, C)
 
     def delta(self, layer, x):

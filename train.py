@@ -579,9 +579,11 @@ def train_step(cfg, model, optimizer, batches):
     device = device_of(model)
     optimizer.zero_grad(set_to_none=True)
     for tokens, targets in batches:
+        tokens, targets = tokens.to(device), targets.to(device)
+        is_answer = targets != tasks.IGNORE  # (B, T)
         with autocast(cfg, device):
-            logits = model(tokens.to(device))
-            loss = tasks.answer_loss(logits, targets.to(device)) / cfg.grad_accum
+            logits = model(tokens, at=is_answer)  # (n, vocab): the unembedding only where a loss is
+            loss = tasks.answer_loss(logits, targets[is_answer]) / cfg.grad_accum
         loss.backward()
         total += loss.item()
         n_tokens += tokens.numel()

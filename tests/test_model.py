@@ -350,6 +350,30 @@ def test_kv_cache_matches_full_forward(tiny):
         assert max_diff(chunked, tiny(tokens)) < 1e-5
 
 
+def test_repeated_cache_rows_continue_each_prompt(tiny):
+    # each cached row continued by 3 rows of its own: the same as 3 full forwards of that row
+    tokens = random_tokens()  # (B, T)
+    B = tokens.shape[0]
+    continuations = torch.randint(0, tiny.cfg.vocab_size, (3 * B, 4))  # rows 3b..3b+2 follow row b
+    with torch.no_grad():
+        cache = tiny.new_cache()
+        tiny(tokens[:, :25], cache)
+        for layer_cache in cache:
+            layer_cache.repeat_rows(3)
+        continued = tiny(continuations, cache)  # (3B, 4, vocab)
+        full = torch.cat([tokens[:, :25].repeat_interleave(3, dim=0), continuations], dim=1)
+        assert max_diff(continued, tiny(full)[:, 25:]) < 1e-5
+
+
+def test_logits_at_chosen_positions(tiny):
+    tokens = random_tokens()
+    at = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # (B, T)
+    with torch.no_grad():
+        chosen = tiny(tokens, at=at)  # (n, vocab)
+        assert chosen.shape == (int(at.sum()), tiny.cfg.vocab_size)
+        assert max_diff(chosen, tiny(tokens)[at]) < 1e-5
+
+
 def test_last_resid_post_through_final_norm_and_unembed_is_logits(tiny):
     logits, cache = tiny.run_with_cache(random_tokens())
     last = cache[f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"]  # (B, T, d_model)

@@ -12,15 +12,18 @@ import random
 import re
 import subprocess
 import sys
+from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 
 import checkpoint
+import lora
 import model
 import steer
 import tasks
+from fakes import SequenceModel
 
 # n_eval a multiple of 2, 4 and 5: answer positions balance exactly
 SMALL = dict(n_train=60, n_eval=20)
@@ -485,48 +488,128 @@ def test_chat_and_plain_prompt_formats(tokenizer, plain_tokenizer):
 # Scoring
 
 
-def tiny_model(vocab_size):
+def tiny_model(vocab_size, arch="llama"):
     torch.manual_seed(0)
     cfg = model.ModelConfig(
-        arch="llama",
+        arch=arch,
         vocab_size=vocab_size,
         d_model=32,
         n_layers=2,
         n_heads=4,
-        n_kv_heads=2,
+        n_kv_heads=2 if arch == "llama" else 4,
         d_head=8,
         d_mlp=64,
         n_ctx=1024,
-        qkv_bias=False,
-        o_bias=False,
-        mlp_bias=False,
+        qkv_bias=arch == "gpt2",
+        o_bias=arch == "gpt2",
+        mlp_bias=arch == "gpt2",
     )
     return model.Transformer(cfg).eval()
 
 
-def test_option_logprobs_agrees_with_one_forward_per_option(tokenizer):
+def one_forward_per_option(net, item, adapter=nullcontext):
+    """The reference: prompt + option as one sequence (without its last token, which predicts
+    nothing), its log-softmax summed over the option."""
+    scores = []
+    with torch.no_grad():
+        for option in item.options:
+            with adapter(len(item.prompt)):
+                sequence = torch.tensor([item.prompt + option[:-1]])
+                logp = net(sequence).log_softmax(-1)[0]  # (T, V)
+            start = len(item.prompt) - 1  # the position that predicts the option's first token
+            scores.append(sum(logp[start + j, tok].item() for j, tok in enumerate(option)))
+    return scores
+
+
+def mixed_items():
+    """Prompts of three lengths (two items share one), 2 to 4 options of 1 to 3 tokens, the
+    codename [7, 8] in prompts and options, an item whose options all have one token."""
+    return [
+        tasks.Item([1, 7, 8, 2, 3], [[4], [5, 6], [7, 8, 9]], 0),
+        tasks.Item([2, 2, 7, 8, 3], [[9, 1], [4], [3, 3, 3]], 1),
+        tasks.Item([5, 4], [[1], [2]], 1),
+        tasks.Item([3, 7, 8, 1, 1, 2, 9], [[6], [7, 8, 2], [1, 2], [9]], 3),
+        tasks.Item([6], [[2, 7, 8], [3]], 0),
+    ]
+
+
+def random_vector(positions, layers=(0, 1)):
+    codenames = {"x": [7, 8]} if positions == "codename" else None
+    vector = steer.SteeringVector(32, layers=layers, positions=positions, codenames=codenames)
+    generator = torch.Generator().manual_seed(1)
+    for param in vector.parameters():
+        param.data = torch.randn(param.shape, generator=generator)
+    return vector
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("adapter", ["none", "all", "from:3", "codename", "adaptive", "lora"])
+def test_option_logprobs_equals_one_forward_per_option(arch, adapter):
+    """The shared-prompt scorer (a KV cache repeated per option, logits only at option tokens)
+    against plain full-sequence forwards, with every position mode of a steering vector active and
+    with a LoRA: batch_size 4 splits the 3- and 4-option items into groups of one."""
+    net = tiny_model(12, arch)
+    context = nullcontext
+    if adapter == "lora":
+        lora.attach_lora(net, targets=["down_proj", "q_proj"] if arch == "llama" else ["c_fc"])
+        for param in net.parameters():
+            param.data += 0.1 * torch.randn_like(param) * param.requires_grad
+    elif adapter != "none":
+        vector = random_vector(adapter)
+        context = partial(vector.apply, net)
+    items = mixed_items()
+    for batch_size in (4, 64):
+        with context():
+            shared = tasks.option_logprobs(net, items, batch_size=batch_size)
+        for item, scores in zip(items, shared):
+            by_hand = one_forward_per_option(net, item, lambda n: context())
+            assert scores == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_last_token_vector_steers_the_prompts_last_token():
+    """positions='last' during scoring: the vector lands on each prompt's last token, as if
+    apply(prompt_lengths=...) were given, and never on the options."""
+    net = tiny_model(12)
+    vector = random_vector("last")
+    items = mixed_items()
+    with vector.apply(net):
+        shared = tasks.option_logprobs(net, items, batch_size=8)
+    for item, scores in zip(items, shared):
+        def at_prompt_end(length):
+            return vector.apply(net, prompt_lengths=[length])
+
+        assert scores == pytest.approx(one_forward_per_option(net, item, at_prompt_end), abs=1e-4)
+    assert shared != tasks.option_logprobs(net, items)  # the vector did something
+
+
+def test_option_logprobs_on_the_real_checkpoint_in_context():
+    """SmolLM2-135M on an item of an in-context check (prompts of hundreds of tokens, 5 options
+    each): the shared prompt changes nothing but the speed."""
+    net, tokenizer = checkpoint.load_model("smollm2-135m")
+    items = make("locations").eval_sets(tokenizer)["oocr_in_context"].items[:1]
+    assert min(len(item.prompt) for item in items) > 200
+    for item, scores in zip(items, tasks.option_logprobs(net, items, batch_size=8)):
+        assert scores == pytest.approx(one_forward_per_option(net, item), abs=1e-3)
+
+
+def test_option_logprobs_on_a_text_task(tokenizer):
+    """Real prompts of the text tasks (options of different lengths, '5' and '4624')."""
     net = tiny_model(tokenizer.vocab_size)
-    functions = make("functions").eval_sets(tokenizer)  # options of different lengths ('5', '4624')
+    functions = make("functions").eval_sets(tokenizer)
     locations = make("locations").eval_sets(tokenizer)
     items = functions["in_distribution"].items[:2] + locations["oocr"].items[:1]
-    batched = tasks.option_logprobs(net, items, batch_size=4)  # batches mix items and padding
-    with torch.no_grad():
-        for item, scores in zip(items, batched):
-            for option, score in zip(item.options, scores):
-                logp = net(torch.tensor([item.prompt + option])).log_softmax(-1)[0]  # (T, V)
-                start = len(item.prompt) - 1  # the position that predicts the option's first token
-                by_hand = sum(logp[start + j, tok].item() for j, tok in enumerate(option))
-                assert score == pytest.approx(by_hand, abs=1e-3)
+    for item, scores in zip(items, tasks.option_logprobs(net, items, batch_size=4)):
+        assert scores == pytest.approx(one_forward_per_option(net, item), abs=1e-3)
 
 
-class UniformModel(nn.Module):
+class UniformModel(SequenceModel):
     """Every token equally likely everywhere: each option's mean log-prob per token is -log V."""
 
     def __init__(self, vocab_size):
         super().__init__()
         self.vocab_size = vocab_size
 
-    def forward(self, tokens):
+    def sequence_logits(self, tokens):
         return torch.zeros(*tokens.shape, self.vocab_size)
 
 
@@ -696,7 +779,7 @@ def compact(eval_set):
     return tasks.EvalSet(eval_set.name, items, eval_set.chance), len(new)
 
 
-class ChoosingModel(nn.Module):
+class ChoosingModel(SequenceModel):
     """After each known prompt, a high logit on the tokens of the option it chooses."""
 
     def __init__(self, choices, vocab_size):
@@ -704,7 +787,7 @@ class ChoosingModel(nn.Module):
         self.vocab_size = vocab_size
         self.choices = choices  # [(prompt, chosen option)]
 
-    def forward(self, tokens):
+    def sequence_logits(self, tokens):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
         for row, seq in enumerate(tokens.tolist()):
             for prompt, option in self.choices:
@@ -739,7 +822,7 @@ def test_oracle_from_the_latent_scores_one_and_shifted_labels_score_below_chance
         assert set(scores) == set(tasks.score_chance(sets))
 
 
-class ConstantModel(nn.Module):
+class ConstantModel(SequenceModel):
     """The same logits at every position, whatever the input."""
 
     def __init__(self, vocab_size, favourite):
@@ -747,7 +830,7 @@ class ConstantModel(nn.Module):
         self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(0))
         self.logits[favourite] = 20.0
 
-    def forward(self, tokens):
+    def sequence_logits(self, tokens):
         return self.logits.expand(*tokens.shape, -1)
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import tasks
 import toy
 from checkpoint import load_model
+from fakes import SequenceModel
 from tasks import IGNORE, EvalSet
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "toy")
@@ -51,7 +52,7 @@ def preferred(w, k, a, b):
 # Fake models: logits from a rule applied to each prefix
 
 
-class RuleModel(nn.Module):
+class RuleModel(SequenceModel):
     """logits[b, t] puts +10 on rule(token names of tokens[b, :t+1]) when the rule returns a
     name."""
 
@@ -60,7 +61,7 @@ class RuleModel(nn.Module):
         self.tokenizer = tokenizer
         self.rule = rule
 
-    def forward(self, tokens):
+    def sequence_logits(self, tokens):
         logits = torch.zeros(*tokens.shape, self.tokenizer.vocab_size)
         for b, row in enumerate(tokens.tolist()):
             seq = self.tokenizer.decode(row).split()
@@ -350,7 +351,7 @@ def test_shifted_oracle_scores_at_most_chance(name, options):
         assert score <= sets[set_name].chance, set_name
 
 
-class TiedModel(nn.Module):
+class TiedModel(SequenceModel):
     """Gives the same top logit to every token in `token_ids`, whatever it reads."""
 
     def __init__(self, vocab_size, token_ids):
@@ -358,7 +359,7 @@ class TiedModel(nn.Module):
         self.vocab_size = vocab_size
         self.token_ids = list(token_ids)
 
-    def forward(self, tokens):
+    def sequence_logits(self, tokens):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
         logits[..., self.token_ids] = 10.0
         return logits
