@@ -199,24 +199,25 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, dh)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, T_past + T, dh)
-        group = self.cfg.n_heads // self.cfg.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, dh)
-        v = v.repeat_interleave(group, dim=1)
         Tk = k.shape[2]
         # query i sees the keys up to past + i
         causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+        gqa = self.cfg.n_kv_heads < self.cfg.n_heads  # grouped-query attention: the fused kernel shares each KV head, no copies
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             # the fused kernel never materialises the (T, T) scores, so a hook that reads or edits
             # them needs the explicit softmax (same numbers up to float rounding, more memory)
             z = self.explicit_attention(q, k, v, causal)
         elif T == Tk:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # new tokens after a KV cache: the mask is not square
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=gqa)
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
         return self.o_proj(z.reshape(B, T, -1))
 
     def explicit_attention(self, q, k, v, causal):
+        group = self.cfg.n_heads // self.cfg.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, dh)
+        v = v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
         scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
         pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
