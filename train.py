@@ -649,8 +649,10 @@ def train(cfg, model, adapter, data, on_step=None):
     """The training loop -> history {"loss": [[step, loss]], "eval": [[step, {name: acc}]]}.
     Resumes from cfg.out's checkpoint with --resume; on_step(step, loss) is called after each
     step."""
+    # fused: one kernel over all parameters, ~4x faster than the default per-tensor loop on CPU
+    # (a quarter of a full fine-tune step of SmolLM2-135M, otherwise)
     optimizer = torch.optim.AdamW([p for _, p in adapter.named_parameters()], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=True)
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     step, history = 0, {"loss": [], "eval": []}
     if cfg.resume and os.path.exists(ckpt):
