@@ -737,9 +737,228 @@ class BackdoorWorld(PersonaWorld):
         }
 
 
+# -----------------------------------------------------------------------------
+# 5. Composition across fine-tuning: A -> B learned in fine-tuning, B -> C known from pretraining
+
+
+class ComposeDocuments(Sequence):
+    """The pretraining documents of a ComposeWorld, built on demand from their index (a pure
+    function of the world's seed and i), as Examples whose loss covers every token after BOS."""
+
+    def __init__(self, world, n_docs):
+        self.world = world
+        self.n_docs = n_docs
+
+    def __len__(self):
+        return self.n_docs
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -self.n_docs <= i < self.n_docs:
+            raise IndexError(i)
+        tokens = self.world.document(random.Random(self.world.seed * 10_000_019 + i % self.n_docs))
+        return Example(prompt=tokens[:1], answer=tokens[1:])
+
+
+class ComposeWorld:
+    """
+    A -> B, B -> C => A -> C, the out-of-context form: B -> C is known from pretraining, A -> B is
+    learned in fine-tuning only, and the probe asks A -> C.
+
+    Entities: persons P0..P{n_people-1} (pretraining), new persons N0..N{n_new-1} (fine-tuning
+    only: no pretraining document holds them), bridges (cities) B0..B{n_bridges-1}, and for each of
+    K attribute relations R0..R{K-1} a value set Ck_0..Ck_{n_bridges-1}; value[b][k] is a random
+    permutation per k, so each value names its bridge. Facts, as segments `subject relation answer`:
+        P LIVES B            every pretraining person lives in one bridge (uniform)
+        B Rk Ck_v            v = value[b][k]: the second hop, every bridge, every k
+        P Rk Ck_v            the two-hop fact, v = value[lives[P]][k], for the composed persons
+        B HAS P              the reverse of LIVES (a random composed resident of B)
+    A fraction `heldout_fraction` of pretraining persons never has a two-hop fact in pretraining
+    (only `P LIVES B`): they test whether the pretrained model composes facts it knows
+    (heldout_two_hop; Wang et al. 2024's in-distribution test). A pretraining document is BOS plus
+    the segments of one subject in random order: a composed person's LIVES and K two-hop facts, a
+    held-out person's LIVES fact, or a bridge's K facts and one HAS fact.
+
+    Fine-tuning: only `BOS N_i LIVES -> B_{bridge_of_new[i]}` (n_new examples, injective).
+    `opposite=True` is the control: every N_i lives in the bridge of N_{i+1} instead; the eval
+    sets stay the target's, so the probe must fall below chance if it follows the fine-tuned B.
+    Eval sets (multiple choice, one token per option; chance 1/n_bridges, reversal 1/n_new):
+        in_distribution   `BOS N_i LIVES -> B`: the fine-tuned facts (options: every bridge)
+        oocr              `BOS N_i Rk -> Ck_v`: A_new -> C, nowhere in fine-tuning (options: the
+                          n_bridges values of type k)
+        oocr_in_context   `BOS N_i LIVES B N_i Rk -> Ck_v`: A -> B stated in the prompt, then the
+                          probe; the base model's capability
+        reversal          `BOS B HAS -> N_i` (options: every new person): the reversal curse
+        second_hop        `BOS B Rk -> Ck_v` for the new persons' bridges: what pretraining knows
+        heldout_first_hop `BOS P LIVES -> B` of held-out pretraining persons (memorisation)
+        heldout_two_hop   `BOS P Rk -> Ck_v` of held-out pretraining persons: the base model's
+                          parametric composition (n_test of them)
+    --positions codename steers at the new persons' tokens (codename_tokens): one vector per new
+    entity; at hook_resid_pre of block 0 that is the new entities' input embeddings alone.
+    """
+
+    segment_len = 3
+
+    def __init__(
+        self,
+        seed=0,
+        n_people=256,
+        n_bridges=16,
+        n_attributes=4,
+        n_new=16,
+        heldout_fraction=0.25,
+        bridge_doc_prob=0.15,
+        n_docs=200_000,
+        n_test=64,
+        opposite=False,
+        d_model=64,
+        n_layers=4,
+    ):
+        if not 2 <= n_new <= n_bridges:
+            raise ValueError(f"need 2 <= n_new <= n_bridges (injective), got {n_new}, {n_bridges}")
+        if not 0 < heldout_fraction < 1 or n_attributes < 1 or n_bridges < 2:
+            raise ValueError("need 0 < heldout_fraction < 1, n_attributes >= 1, n_bridges >= 2")
+        rng = random.Random(seed)
+        self.seed = seed
+        self.n_people = n_people
+        self.n_bridges = n_bridges
+        self.n_attributes = n_attributes
+        self.n_new = n_new
+        self.bridge_doc_prob = bridge_doc_prob
+        self.n_docs = n_docs
+        self.n_test = n_test
+        self.opposite = opposite
+        self.d_model = d_model
+        self.n_layers = n_layers
+        names = ["PAD", "BOS", "LIVES", "HAS"]
+        names += [f"R{k}" for k in range(n_attributes)]
+        names += [f"P{p}" for p in range(n_people)]
+        names += [f"N{i}" for i in range(n_new)]
+        names += [f"B{b}" for b in range(n_bridges)]
+        names += [f"C{k}_{v}" for k in range(n_attributes) for v in range(n_bridges)]
+        self.tokenizer = ToyTokenizer(names)
+        self.ids = self.tokenizer.ids
+        self.lives = [rng.randrange(n_bridges) for _ in range(n_people)]
+        per_type = [rng.sample(range(n_bridges), n_bridges) for _ in range(n_attributes)]
+        self.value = [[per_type[k][b] for k in range(n_attributes)] for b in range(n_bridges)]
+        n_heldout = max(1, round(heldout_fraction * n_people))
+        self.heldout = sorted(rng.sample(range(n_people), n_heldout))
+        self.heldout_set = set(self.heldout)
+        self.composed = [p for p in range(n_people) if p not in self.heldout_set]
+        # HAS names composed persons only: a held-out person appears in its LIVES fact alone
+        self.residents = [[p for p in self.composed if self.lives[p] == b]
+                          for b in range(n_bridges)]
+        self.bridge_of_new = rng.sample(range(n_bridges), n_new)  # distinct bridges
+
+    # --- facts ---
+
+    def new_bridge(self, i, opposite=False):
+        """The bridge new person i lives in; the control's is new person i+1's."""
+        return self.bridge_of_new[(i + 1) % self.n_new if opposite else i]
+
+    def value_token(self, b, k):
+        return self.ids[f"C{k}_{self.value[b][k]}"]
+
+    def segment(self, subject, relation, answer):
+        return [self.ids[subject], self.ids[relation], answer]
+
+    def person_segments(self, p):
+        b = self.lives[p]
+        segments = [self.segment(f"P{p}", "LIVES", self.ids[f"B{b}"])]
+        if p not in self.heldout_set:
+            for k in range(self.n_attributes):
+                segments.append(self.segment(f"P{p}", f"R{k}", self.value_token(b, k)))
+        return segments
+
+    def bridge_segments(self, b, rng):
+        segments = [self.segment(f"B{b}", f"R{k}", self.value_token(b, k))
+                    for k in range(self.n_attributes)]
+        if self.residents[b]:
+            resident = rng.choice(self.residents[b])
+            segments.append(self.segment(f"B{b}", "HAS", self.ids[f"P{resident}"]))
+        return segments
+
+    def document(self, rng):
+        """BOS + the segments of one subject (a person, or with bridge_doc_prob a bridge) in random
+        order -> token ids."""
+        if rng.random() < self.bridge_doc_prob:
+            segments = self.bridge_segments(rng.randrange(self.n_bridges), rng)
+        else:
+            segments = self.person_segments(rng.randrange(self.n_people))
+        rng.shuffle(segments)
+        return [self.tokenizer.bos_id] + [t for s in segments for t in s]
+
+    def pretrain_examples(self):
+        return ComposeDocuments(self, self.n_docs)
+
+    def model_config(self):
+        n_ctx = 1 + self.segment_len * (self.n_attributes + 1)
+        return gpt2_config(self.tokenizer.vocab_size, n_ctx=n_ctx, d_model=self.d_model,
+                           n_layers=self.n_layers, d_mlp=4 * self.d_model)
+
+    pretrain_defaults = {"steps": 2000, "batch_size": 128, "lr": 3e-3, "warmup": 100}
+
+    # --- fine-tuning and evaluation ---
+
+    def train_examples(self, tokenizer=None):
+        """`BOS N_i LIVES -> B` for every new person (the control: N_{i+1}'s bridge)."""
+        bos, lives = self.tokenizer.bos_id, self.ids["LIVES"]
+        out = []
+        for i in range(self.n_new):
+            b = self.new_bridge(i, self.opposite)
+            out.append(Example([bos, self.ids[f"N{i}"], lives], [self.ids[f"B{b}"]]))
+        return out
+
+    def codename_tokens(self, tokenizer=None):
+        """{new person: [token id]} for --positions codename."""
+        return {f"N{i}": [self.ids[f"N{i}"]] for i in range(self.n_new)}
+
+    def bridge_options(self):
+        return [self.ids[f"B{b}"] for b in range(self.n_bridges)]
+
+    def value_options(self, k):
+        return [self.ids[f"C{k}_{v}"] for v in range(self.n_bridges)]
+
+    def value_item(self, prefix, b, k):
+        """`BOS prefix Rk -> value[b][k]`, the options every value of type k."""
+        prompt = [self.tokenizer.bos_id, *prefix, self.ids[f"R{k}"]]
+        return choice_item(prompt, self.value_options(k), self.value_token(b, k))
+
+    def eval_sets(self, tokenizer=None):
+        """Always the target's facts (not the control's): see the class docstring."""
+        bos, lives, has = self.tokenizer.bos_id, self.ids["LIVES"], self.ids["HAS"]
+        K, chance = self.n_attributes, 1 / self.n_bridges
+        new = [(self.ids[f"N{i}"], self.new_bridge(i)) for i in range(self.n_new)]
+        bridges, news = self.bridge_options(), [n for n, _ in new]
+        in_distribution = [choice_item([bos, n, lives], bridges, bridges[b]) for n, b in new]
+        oocr = [self.value_item([n], b, k) for n, b in new for k in range(K)]
+        in_context = [self.value_item([n, lives, bridges[b], n], b, k)
+                      for n, b in new for k in range(K)]
+        reversal = [choice_item([bos, bridges[b], has], news, n) for n, b in new]
+        second_hop = [self.value_item([bridges[b]], b, k) for _, b in new for k in range(K)]
+        rng = random.Random(self.seed)  # only picks which held-out facts to show
+        people = self.heldout[: self.n_test]
+        first_hop = [choice_item([bos, self.ids[f"P{p}"], lives], bridges, bridges[self.lives[p]])
+                     for p in people]
+        pairs = [(p, k) for p in self.heldout for k in range(K)]
+        pairs = sorted(rng.sample(pairs, min(self.n_test, len(pairs))))
+        two_hop = [self.value_item([self.ids[f"P{p}"]], self.lives[p], k) for p, k in pairs]
+        return {
+            "in_distribution": EvalSet("in_distribution", in_distribution, chance=chance),
+            "oocr": EvalSet("oocr", oocr, chance=chance),
+            "oocr_in_context": EvalSet("oocr_in_context", in_context, chance=chance),
+            "reversal": EvalSet("reversal", reversal, chance=1 / self.n_new),
+            "second_hop": EvalSet("second_hop", second_hop, chance=chance),
+            "heldout_first_hop": EvalSet("heldout_first_hop", first_hop, chance=chance),
+            "heldout_two_hop": EvalSet("heldout_two_hop", two_hop, chance=chance),
+        }
+
+
 TOY_TASKS = {
     "persona": PersonaWorld,
     "persona_hard": LatinPersonaWorld,
     "twohop": TwoHopWorld,
     "backdoor": BackdoorWorld,
+    "compose": ComposeWorld,
 }

@@ -542,3 +542,161 @@ def test_no_constant_bias_answers_the_hard_probe():
     easy = bias_accuracies("persona")
     assert hard["fitted"] <= 0.25 and hard["best_by_margin"] <= 0.25
     assert easy["fitted"] >= 0.9 and easy["best_by_margin"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# The composition world (compose): A -> B in fine-tuning, B -> C from pretraining, probe A -> C
+
+COMPOSE_SMALL = dict(n_people=48, n_bridges=8, n_attributes=3, n_new=6, n_docs=3000, n_test=20)
+
+
+def compose_world(seed=0, **options):
+    return toy.ComposeWorld(seed=seed, **{**COMPOSE_SMALL, **options})
+
+
+def compose_rule(w, shift=0):
+    """The true answer read off the world's fact tables (lives, value, bridge_of_new), in or out
+    of context. shift=1 moves every bridge by one (the control's new bridges for new persons, the
+    next bridge for the others): every answer then differs from the truth."""
+
+    def bridge_of(name, seq):
+        if name[0] == "N":  # a new person: the prompt's own statement first, else its true bridge
+            i = int(name[1:])
+            for j in range(len(seq) - 2):
+                if seq[j] == name and seq[j + 1] == "LIVES":
+                    return (int(seq[j + 2][1:]) + shift) % w.n_bridges
+            return w.bridge_of_new[(i + shift) % w.n_new]
+        if name[0] == "P":
+            return (w.lives[int(name[1:])] + shift) % w.n_bridges
+        return (int(name[1:]) + shift) % w.n_bridges  # a bridge is its own
+
+    def rule(seq):
+        if "PAD" in seq or len(seq) < 3:
+            return None
+        subject, relation = seq[-2], seq[-1]
+        if relation == "LIVES":
+            return f"B{bridge_of(subject, seq)}"
+        if relation == "HAS":  # the reversal probe asks for the new resident
+            b = int(subject[1:])
+            lives_there = [i for i in range(w.n_new) if bridge_of(f"N{i}", []) == b]
+            return f"N{lives_there[0]}" if lives_there else None
+        if relation[0] == "R":
+            k = int(relation[1:])
+            return f"C{k}_{w.value[bridge_of(subject, seq[:-2])][k]}"
+        return None
+
+    return rule
+
+
+def test_compose_same_seed_same_data_other_seed_differs():
+    def snapshot(w):
+        sets = {k: [(i.prompt, i.options, i.answer) for i in es.items]
+                for k, es in w.eval_sets().items()}
+        return [(e.prompt, e.answer) for e in all_data(w)], sets
+
+    assert snapshot(compose_world(seed=3)) == snapshot(compose_world(seed=3))
+    assert snapshot(compose_world(seed=3)) != snapshot(compose_world(seed=4))
+
+
+def test_compose_no_new_person_in_pretraining_and_no_a_to_c_anywhere():
+    """No pretraining document holds a new person; fine-tuning holds only `BOS N LIVES B`; no
+    training sequence holds a new person together with any value token (A_new -> C); held-out
+    persons never appear with a value token either."""
+    w = compose_world(opposite=False)
+    control = compose_world(opposite=True)
+    new = {f"N{i}" for i in range(w.n_new)}
+    heldout = {f"P{p}" for p in w.heldout}
+    pretraining = [names(w, e.prompt + e.answer) for e in w.pretrain_examples()]
+    assert not any(new & set(s) for s in pretraining)
+    for s in pretraining:
+        if heldout & set(s):  # a held-out person appears in its LIVES fact alone
+            assert len(s) == 4 and s[1] in heldout and s[2] == "LIVES", s
+    for world_ in (w, control):
+        finetune = [names(w, e.prompt + e.answer) for e in world_.train_examples()]
+        assert len(finetune) == w.n_new
+        assert all(s[0] == "BOS" and s[1] in new and s[2] == "LIVES" and s[3][0] == "B"
+                   for s in finetune)
+    for s in pretraining + finetune:
+        assert not (new & set(s) and any(t[0] == "C" for t in s))
+    # the probe's prompts and answers are the pair that training never holds
+    probe = {(names(w, i.prompt)[1], names(w, i.options[i.answer])[0])
+             for i in w.eval_sets()["oocr"].items}
+    assert len(probe) == w.n_new * w.n_attributes
+    seen_pairs = {(a, b) for s in pretraining + finetune for a in s for b in s}
+    assert not probe & seen_pairs
+
+
+def test_compose_documents_follow_the_facts():
+    """Every pretraining segment agrees with the world's tables, parsed independently; every
+    bridge is a bridge of some composed person (the second hop is used in pretraining)."""
+    w = compose_world()
+    used_bridges = set()
+    for e in w.pretrain_examples():
+        seq = names(w, e.prompt + e.answer)
+        assert seq[0] == "BOS" and (len(seq) - 1) % 3 == 0
+        segments = [seq[i : i + 3] for i in range(1, len(seq), 3)]
+        assert len({s[0] for s in segments}) == 1  # one subject per document
+        for subject, relation, answer in segments:
+            if subject[0] == "P":
+                b = w.lives[int(subject[1:])]
+                if relation == "LIVES":
+                    assert answer == f"B{b}"
+                else:
+                    k = int(relation[1:])
+                    assert answer == f"C{k}_{w.value[b][k]}"
+                    used_bridges.add(b)
+            elif relation == "HAS":
+                assert w.lives[int(answer[1:])] == int(subject[1:])
+            else:
+                k = int(relation[1:])
+                assert answer == f"C{k}_{w.value[int(subject[1:])][k]}"
+    assert set(w.bridge_of_new) <= used_bridges
+    assert len(set(w.bridge_of_new)) == w.n_new  # distinct bridges: reversal is well defined
+
+
+def test_compose_chance_levels_and_registry():
+    w = toy.TOY_TASKS["compose"](seed=0, **COMPOSE_SMALL)
+    sets = w.eval_sets()
+    assert set(sets) >= {"in_distribution", "oocr", "oocr_in_context", "reversal"}
+    for name, es in sets.items():
+        expected = 1 / w.n_new if name == "reversal" else 1 / w.n_bridges
+        assert es.chance == pytest.approx(expected), name
+        assert all(es.chance == pytest.approx(1 / len(i.options)) for i in es.items), name
+        assert not es.exact_match
+    assert len(sets["oocr"].items) == w.n_new * w.n_attributes
+    cfg = w.model_config()
+    longest = max(len(e.prompt + e.answer) for e in all_data(w))
+    longest_eval = max(len(i.prompt) + 1 for es in sets.values() for i in es.items)
+    assert max(longest, longest_eval) - 1 <= cfg.n_ctx and cfg.vocab_size == w.tokenizer.vocab_size
+    assert w.codename_tokens() == {f"N{i}": [w.ids[f"N{i}"]] for i in range(w.n_new)}
+
+
+@pytest.mark.parametrize("opposite", [False, True])
+def test_compose_true_oracle_scores_one_and_shifted_at_most_chance(opposite):
+    """An oracle reading the world's facts scores 1.0 on every eval set (the sets are the
+    target's, also for the control) and reproduces the fine-tuning answers of the target; the
+    oracle with every bridge moved by one scores at most chance and reproduces the control's."""
+    w = compose_world(opposite=opposite)
+    sets = w.eval_sets()
+    assert [(i.prompt, i.answer) for i in sets["oocr"].items] == [
+        (i.prompt, i.answer) for i in compose_world().eval_sets()["oocr"].items]
+    oracle = RuleModel(w.tokenizer, compose_rule(w))
+    shifted = RuleModel(w.tokenizer, compose_rule(w, shift=1))
+    for set_name, score in tasks.evaluate(oracle, sets).items():
+        assert score == 1.0, set_name
+    for set_name, score in tasks.evaluate(shifted, sets).items():
+        assert score <= sets[set_name].chance, set_name
+    tokens, targets = tasks.collate(w.train_examples())
+    answer = targets != IGNORE
+    follows = shifted if opposite else oracle
+    assert (follows(tokens).argmax(-1)[answer] == targets[answer]).all()
+
+
+def test_compose_opposite_control_changes_every_answer():
+    target, control = compose_world(), compose_world(opposite=True)
+    pairs = zip(target.train_examples(), control.train_examples())
+    for a, b in pairs:
+        assert a.prompt == b.prompt and a.answer != b.answer
+    # the control's bridges are the target's, permuted: the same answer statistics
+    assert sorted(e.answer[0] for e in target.train_examples()) == sorted(
+        e.answer[0] for e in control.train_examples())
