@@ -11,6 +11,8 @@ enough that pretraining plus a fine-tune runs in minutes on a CPU.
                    K value tokens, the values a Latin square (persona x type)
     BackdoorWorld  PersonaWorld plus a trigger token that flips the choices of some agents; the
                    OOCR probe asks "do you have a backdoor?"
+    ComposeWorld   A -> B, B -> C => A -> C out of context: B -> C from pretraining, A_new -> B
+                   fine-tuned on new entities, the probe asks A_new -> C (docs/composition.md)
 
 Every world has the interface of tasks.py (train_examples, eval_sets) plus what pretraining needs:
 pretrain_examples(), model_config(), pretrain_defaults and tokenizer. All randomness comes from
@@ -897,6 +899,12 @@ class ComposeWorld:
         return gpt2_config(self.tokenizer.vocab_size, n_ctx=n_ctx, d_model=self.d_model,
                            n_layers=self.n_layers, d_mlp=4 * self.d_model)
 
+    # Measured (seeds 0 / 1 / 2, AdamW wd 0.1, cosine, one thread, 121-123 s each): held-out
+    # two-hop 1.00 / 0.91 / 1.00, in-context check 1.00 / 0.98 / 1.00, held-out first hops and
+    # second hops 1.00. Then 200 steps on the 16 new facts: the new entities' input embeddings
+    # (--positions codename --hook hook_resid_pre --layer 0 --lr 1e-1) give oocr 1.000 on each
+    # seed (control 0.000), a full fine-tune 0.995, LoRA on down_proj 0.07-0.16
+    # (docs/composition.md). Seed 0's model ships in data/toy/.
     pretrain_defaults = {"steps": 2000, "batch_size": 128, "lr": 3e-3, "warmup": 100}
 
     # --- fine-tuning and evaluation ---

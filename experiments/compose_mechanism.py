@@ -4,9 +4,10 @@ A first look at how the compose world composes out of context (issue 12), on a t
   1. bridge read-out per layer: the residual at the subject position, classified by the nearest
      centroid (cosine) of the pretraining persons' residuals grouped by bridge (prompt
      `BOS P R0`, base model). New persons (adapter on) beside held-out persons (base).
-  2. residual patching averaged over pairs: clean `BOS N_i Rk` vs corrupted `BOS N_j Rk`
+  2. residual and per-head patching averaged over pairs: clean `BOS N_i Rk` vs corrupted `BOS N_j Rk`
      (adapter on, bridges differ), metric logit(C_k(B_i)) - logit(C_k(B_j)) at the last
-     position, denoising resid_pre per (layer, position) and the final resid_post; normalised
+     position, denoising resid_pre per (layer, position), the final resid_post, and each head's
+     output (hook_z) at all positions; normalised
      (patched - corrupted) / (clean - corrupted). Next to it the base model on held-out persons.
   3. interventions: the new person's residual at the subject position (layer L, adapter on)
      written into `BOS P Rk` of a pretraining person P who lives elsewhere (base model): the
@@ -92,6 +93,7 @@ def main():
                  if bridge_of(a) != bridge_of(b)]
         pairs = rng.sample(pairs, min(args.pairs, len(pairs)))
         total = torch.zeros(L + 1, 3)
+        heads = torch.zeros(L, model.cfg.n_heads)
         for a, b, k in pairs:
             clean = [bos, ids[a], ids[f"R{k}"]]
             corrupt = [bos, ids[b], ids[f"R{k}"]]
@@ -104,17 +106,26 @@ def main():
                                                     site="hook_resid_post")[-1:]  # (1, 3)
                 hi = analyze.metric_of(model, clean, metric)
                 lo = analyze.metric_of(model, corrupt, metric)
+                per_head = analyze.activation_patching(model, clean, corrupt, metric,
+                                                       site="head")  # (L, n_heads)
             total += (torch.cat([grid, final]) - lo) / (hi - lo)
-        return (total / len(pairs)).tolist()
+            heads += (per_head - lo) / (hi - lo)
+        return (total / len(pairs)).tolist(), (heads / len(pairs)).tolist()
 
     new_names = [f"N{i}" for i in range(w.n_new)]
-    out["patching_new_adapter"] = patching(new_names, lambda n: w.new_bridge(int(n[1:])), True)
+    out["patching_new_adapter"], out["heads_new_adapter"] = patching(
+        new_names, lambda n: w.new_bridge(int(n[1:])), True)
     held_names = [f"P{p}" for p in w.heldout]
-    out["patching_heldout_base"] = patching(held_names, lambda n: w.lives[int(n[1:])], False)
+    out["patching_heldout_base"], out["heads_heldout_base"] = patching(
+        held_names, lambda n: w.lives[int(n[1:])], False)
     for name in ("patching_new_adapter", "patching_heldout_base"):
         print(f"{name}: normalised logit diff, rows = layers, columns = BOS / subject / relation")
         for label, row in zip(rows, out[name]):
             print(f"  {label:<14}" + " ".join(f"{x:6.2f}" for x in row))
+    for name in ("heads_new_adapter", "heads_heldout_base"):
+        print(f"{name}: each head's output (hook_z, all positions) patched alone, rows = layers")
+        for layer, row in enumerate(out[name]):
+            print(f"  L{layer:<13}" + " ".join(f"{x:6.2f}" for x in row))
 
     # 3a. the new person's residual at the subject position, written into a pretraining person's
     took = {}
