@@ -103,7 +103,7 @@ class Settings:
     eval_options: int = 5  # options each (1 to 4 tokens),
     eval_lengths: tuple = (100, 600)  # prompt lengths spread evenly over this range
     eval_batch: int = 8  # tasks.evaluate's batch_size (train.py's on real models)
-    eval_repeats: int = 3  # the eval row's default repeats: theirs takes minutes per run
+    eval_repeats: int = 2  # the eval row's default repeats: theirs takes minutes per run
     toy_tokens: int = 16  # patching prompt on the toy model
     long_pair: bool = True  # attribution: the ~15-token IOI pair, else a 5-token one
     matmul: int = 2048  # side of the square matmul that measures peak FLOP/s
