@@ -34,7 +34,8 @@ Rows (--rows takes names or prefixes: forward, train, train_lora, generate, ...)
                                the LoRA and both steering rows: what a user would otherwise pick)
   generate_{cache,nocache}     greedy generation, model.generate vs HF generate
   eval                         a multiple-choice set, tasks.evaluate vs the obvious HF loop
-  patching_toy                 analyze's batched activation patching vs one forward per patch
+  patching_toy_{short,long}    analyze's batched activation patching vs one forward per patch,
+                               on the persona world's prompt lengths (4 and 26 tokens)
   attribution_vs_exact         attribution patching vs exact (batched) activation patching
 
 Read top to bottom: settings -> FLOP counting -> timing -> memory -> models and inputs -> the
@@ -104,7 +105,6 @@ class Settings:
     eval_lengths: tuple = (100, 600)  # prompt lengths spread evenly over this range
     eval_batch: int = 8  # tasks.evaluate's batch_size (train.py's on real models)
     eval_repeats: int = 2  # the eval row's default repeats: theirs takes minutes per run
-    toy_tokens: int = 16  # patching prompt on the toy model
     long_pair: bool = True  # attribution: the ~15-token IOI pair, else a 5-token one
     matmul: int = 2048  # side of the square matmul that measures peak FLOP/s
     matmul_repeats: int = 10  # the best of these, at the start and again at the end
@@ -116,6 +116,8 @@ QUICK = Settings(batch=2, seq=64, prompt=56, answer=8, repeats=3, gen_new=12, ev
                  memory_rows="forward_fp32,train_lora_fp32")
 
 # LoRA of the training rows: rank 8 on q_proj, v_proj, down_proj of every layer
+# patching on the toy model: the persona world's in-distribution and in-context prompt lengths
+TOY_PROMPTS = {"short": 4, "long": 26}
 LORA_TARGETS = ("q_proj", "v_proj", "down_proj")
 LORA_RANK = 8
 LR = {"lora": 1e-3, "steer": 1e-1, "full": 3e-4}  # train.py's defaults on real models
@@ -751,12 +753,13 @@ def check_eval(ctx, ours, theirs):
 # --- activation patching
 
 
-def toy_pair(ctx, model):
+def toy_pair(model, n_tokens):
     """A clean / corrupted prompt pair of random toy tokens and the metric logit(1) - logit(2)."""
-    clean = random_tokens(model.cfg.vocab_size, (ctx.settings.toy_tokens,), seed=SEED + 2)
+    clean = random_tokens(model.cfg.vocab_size, (n_tokens,), seed=SEED + 2)
     corrupt = clean.clone()
     corrupt[len(clean) // 2] = (corrupt[len(clean) // 2] + 1) % model.cfg.vocab_size
-    return clean.to(ctx.device), corrupt.to(ctx.device), analyze.logit_diff(1, 2)
+    device = next(model.parameters()).device
+    return clean.to(device), corrupt.to(device), analyze.logit_diff(1, 2)
 
 
 def position_writer(value, position):
@@ -785,15 +788,15 @@ def patch_one_at_a_time(model, clean, corrupt, metric):
     return out
 
 
-def ours_toy_patching(ctx):
+def ours_toy_patching(ctx, n_tokens):
     model = ctx.model("toy")
-    clean, corrupt, metric = toy_pair(ctx, model)
+    clean, corrupt, metric = toy_pair(model, n_tokens)
     return Side(lambda: analyze.activation_patching(model, clean, corrupt, metric).cpu())
 
 
-def loop_toy_patching(ctx):
+def loop_toy_patching(ctx, n_tokens):
     model = ctx.model("toy")
-    return Side(partial(patch_one_at_a_time, model, *toy_pair(ctx, model)))
+    return Side(partial(patch_one_at_a_time, model, *toy_pair(model, n_tokens)))
 
 
 def patches_per_s(grid, timing):
@@ -801,9 +804,10 @@ def patches_per_s(grid, timing):
 
 
 def check_toy_patching(ctx, ours, theirs):
+    n_tokens = ours.last.shape[1]  # (n_layers, T)
     diff = (ours.last - theirs.last).abs().max().item()
     rates = {"ours": patches_per_s(ours.last, ours), "theirs": patches_per_s(theirs.last, theirs)}
-    note = (f"{ours.last.numel()} patches, {ctx.settings.toy_tokens} tokens; "
+    note = (f"{ours.last.numel()} patches, {n_tokens} tokens; "
             f"{rates['ours']:.0f} / {rates['theirs']:.0f} patches/s; max diff {diff:.1g}")
     return note, {"patches_per_s": rates, "max_diff": diff, "patches": ours.last.numel()}
 
@@ -883,9 +887,10 @@ ROWS = [
         "HF generate, no cache", check=check_generation),
     Row("eval", ours_eval, theirs_eval, "tasks.evaluate", "HF loop, one sequence per forward",
         check=check_eval, eval_repeats=True),
-    Row("patching_toy", ours_toy_patching, loop_toy_patching,
-        "analyze.activation_patching (batched)", "one forward per patch", uses=("toy", "toy"),
-        check=check_toy_patching),
+    *[Row(f"patching_toy_{length}", partial(ours_toy_patching, n_tokens=n),
+          partial(loop_toy_patching, n_tokens=n), "analyze.activation_patching (batched)",
+          "one forward per patch", uses=("toy", "toy"), check=check_toy_patching)
+      for length, n in TOY_PROMPTS.items()],
     Row("attribution_vs_exact", ours_attribution, exact_patching, "analyze.attribution_patching",
         "analyze.activation_patching (exact)", uses=("ours", "ours"), check=check_attribution),
 ]
