@@ -114,8 +114,8 @@ def group_logprobs(model, items, device):
     first_logp = model(prompts, cache, at=last).float().log_softmax(-1)  # (G, vocab)
     options = [option for item in items for option in item.options]  # G * n, item by item
     first_ids = torch.tensor([option[0] for option in options], device=device)  # (G * n,)
-    first_logp = first_logp.repeat_interleave(n, dim=0)  # (G * n, vocab)
-    sums = first_logp.gather(-1, first_ids[:, None])[:, 0]  # (G * n,)
+    item_of = torch.arange(len(items), device=device).repeat_interleave(n)  # (G * n,)
+    sums = first_logp[item_of, first_ids]  # (G * n,)
     if max(len(option) for option in options) > 1:
         for layer_cache in cache:
             layer_cache.repeat_rows(n)
