@@ -202,7 +202,8 @@ class Attention(nn.Module):
         Tk = k.shape[2]
         # query i sees the keys up to past + i
         causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        gqa = self.cfg.n_kv_heads < self.cfg.n_heads  # grouped-query attention: the fused kernel shares each KV head, no copies
+        # grouped-query attention: the fused kernel shares each KV head among its queries, no copies
+        gqa = self.cfg.n_kv_heads < self.cfg.n_heads
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             # the fused kernel never materialises the (T, T) scores, so a hook that reads or edits
             # them needs the explicit softmax (same numbers up to float rounding, more memory)

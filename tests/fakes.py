@@ -7,7 +7,7 @@ import torch.nn as nn
 
 
 class HistoryCache:
-    """Stands in for model.LayerCache: it keeps the tokens read so far instead of keys and values."""
+    """Stands in for model.LayerCache: it keeps the tokens read so far, not keys and values."""
 
     def __init__(self):
         self.tokens = None  # (B, T_past)
