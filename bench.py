@@ -127,8 +127,8 @@ LR = {"lora": 1e-3, "steer": 1e-1, "full": 3e-4}  # train.py's defaults on real 
 # them wastes (e.g. logits at positions no loss reads) shows up as lower utilisation. The formula
 # is saved in bench.json beside the numbers it produced.
 
-FLOP_FORMULA = """Useful FLOPs (2 FLOPs per multiply-add; elementwise work such as norms, activations,
-    RoPE, the steering vector's add and the optimizer is left out):
+FLOP_FORMULA = """Useful FLOPs (2 FLOPs per multiply-add; elementwise work such as norms,
+    activations, RoPE, the steering vector's add and the optimizer is left out):
 
     forward = 2 * W * tokens                      W: matmul weights a token passes through
                                                   (q, k, v, o, gate, up, down in every block)

@@ -171,9 +171,9 @@ class LastToken(Placement):
         if start == 0:
             lengths = self.given_lengths if self.given_lengths is not None else [T] * B
             self.lengths = torch.as_tensor(lengths, device=tokens.device).reshape(-1)  # (B,)
-        if start == 0 and self.lengths.shape[0] != B:
-            n = self.lengths.shape[0]
-            raise ValueError(f"prompt_lengths has {n} entries for a batch of {B}")
+            if self.lengths.shape[0] != B:
+                n = self.lengths.shape[0]
+                raise ValueError(f"prompt_lengths has {n} entries for a batch of {B}")
         self.lengths = continued_rows(self.lengths, B)
         positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         self.mask = last_token_mask(positions, self.lengths)  # (B, T)

@@ -27,6 +27,8 @@ from functools import cache, partial
 import torch
 import torch.nn.functional as F
 
+from model import last_position
+
 IGNORE = -100  # target value that cross_entropy skips
 
 
@@ -108,10 +110,9 @@ def group_logprobs(model, items, device):
     is taken only where an option token is predicted."""
     n = len(items[0].options)
     prompts = torch.tensor([item.prompt for item in items], device=device)  # (G, P)
-    last = torch.zeros_like(prompts, dtype=torch.bool)
-    last[:, -1] = True  # the prompt's last position predicts every option's first token
     cache = model.new_cache()
-    first_logp = model(prompts, cache, at=last).float().log_softmax(-1)  # (G, vocab)
+    # the prompt's last position predicts every option's first token
+    first_logp = model(prompts, cache, at=last_position(prompts)).float().log_softmax(-1)  # (G, V)
     options = [option for item in items for option in item.options]  # G * n, item by item
     first_ids = torch.tensor([option[0] for option in options], device=device)  # (G * n,)
     item_of = torch.arange(len(items), device=device).repeat_interleave(n)  # (G * n,)
