@@ -330,28 +330,39 @@ class Transformer(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (T, dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, tokens, cache=None, at=None):
+    def forward(self, tokens, cache=None, at=None, start_at_layer=0):
         """tokens (B, T) -> logits (B, T, vocab). `cache` is a list of LayerCache (see new_cache).
         at: a bool mask (B, T) -> logits (n, vocab) only at its n True positions, row by row. The
         unembedding is a large share of a small model's FLOPs and memory (49k x 576 of SmolLM2's
-        135M weights, at every position), and a loss on a few answer tokens needs only those."""
+        135M weights, at every position), and a loss on a few answer tokens needs only those.
+        start_at_layer=L (TransformerLens' name): `tokens` is instead the residual stream
+        (B, T, d_model) entering block L, and blocks 0..L-1 do not run (a patch at layer L leaves
+        everything before it unchanged, so patching needs only the blocks from L on)."""
+        if start_at_layer:
+            x = tokens  # (B, T, d_model)
+            start = len(cache[start_at_layer]) if cache else 0
+        else:
+            start = len(cache[0]) if cache else 0
+            x = self.embed_tokens(tokens, start)  # (B, T, d_model)
+        T = x.shape[1]
+        rope = None if self.cfg.arch == "gpt2" else self.rope(start, T, x.dtype)
+        for i in range(start_at_layer, self.cfg.n_layers):
+            x = self.blocks[i](x, rope, cache[i] if cache else None)
+        x = self.ln_final(x)
+        if at is not None:
+            x = x[at]  # (n, d_model)
+        return self.unembed(x)
+
+    def embed_tokens(self, tokens, start):
+        """tokens (B, T) -> the residual stream entering block 0, (B, T, d_model)."""
         B, T = tokens.shape
-        start = len(cache[0]) if cache else 0
         x = self.hook_embed(self.embed(tokens))  # (B, T, d_model)
-        rope = None
         if self.cfg.arch == "gpt2":
             if start + T > self.cfg.n_ctx:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the model's n_ctx={self.cfg.n_ctx}")
             positions = torch.arange(start, start + T, device=tokens.device)
             x = x + self.hook_pos_embed(self.pos_embed(positions).expand(B, T, -1))
-        else:
-            rope = self.rope(start, T, x.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache[i] if cache else None)
-        x = self.ln_final(x)
-        if at is not None:
-            x = x[at]  # (n, d_model)
-        return self.unembed(x)
+        return x
 
     def new_cache(self):
         return [LayerCache() for _ in self.blocks]

@@ -107,6 +107,21 @@ def test_resid_post_is_hf_hidden_state(hf_and_ours):
         assert max_diff(last, hidden[n_layers]) < 1e-4
 
 
+def test_start_at_layer_from_hf_hidden_state_gives_hf_logits(hf_and_ours):
+    # HF hidden_states[1] is the residual stream entering block 1: running only blocks 1.. on it
+    # must give HF's logits, with and without a KV cache holding the first positions
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+        resid = out.hidden_states[1]  # (B, T, d_model)
+        assert max_diff(ours(resid, start_at_layer=1), out.logits) < 1e-4
+        cache = ours.new_cache()
+        ours(tokens[:, :10], cache)
+        continued = ours(resid[:, 10:], cache, start_at_layer=1)  # (B, T - 10, vocab)
+        assert max_diff(continued, out.logits[:, 10:]) < 1e-4
+
+
 def test_hook_pattern_matches_hf_attentions(hf_and_ours):
     hf, ours = hf_and_ours
     tokens = random_tokens()
