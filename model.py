@@ -1,5 +1,5 @@
 """
-One hand-written Transformer for the GPT-2 and Llama families (Llama 3, SmolLM2, Qwen2), with
+One hand-written Transformer for the GPT-2, Llama (Llama 3, SmolLM2, Qwen2) and Gemma 3 families, with
 TransformerLens-style hook points, a KV cache and generation. Only torch and the standard library:
 checkpoint files live in checkpoint.py, tokenizers in tokenizer.py, and LoRA and steering vectors
 (lora.py, steer.py) attach from outside through modules and hook points; nothing here knows them.
@@ -13,6 +13,7 @@ The one layer rule: "layer l" is the output of block l = blocks.{l}.hook_resid_p
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -22,9 +23,15 @@ import torch.nn.functional as F
 # Config
 
 
+GEMMA3_FIELDS = ("layer_types", "sliding_window", "rope_local_theta", "query_pre_attn_scalar",
+                 "final_logit_softcap")
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "gpt2"  # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU) or "gemma3" (llama
+    # plus q/k norms, norms after attention and MLP, GeGLU, sliding-window layers)
+    arch: str = "gpt2"
     vocab_size: int = 64
     d_model: int = 64
     n_layers: int = 4
@@ -40,21 +47,39 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ...}
-    hf_model_type: str = ""  # which HF module names this model maps to: gpt2, llama, qwen2
+    # Gemma 3 only: local ("sliding_attention") layers see the last `sliding_window` keys and use
+    # their own RoPE base; the others ("full_attention") are global. Default: every 6th is global.
+    layer_types: list | None = None
+    sliding_window: int | None = None
+    rope_local_theta: float = 10000.0
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power, not d_head's
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    hf_model_type: str = ""  # which HF module names this model maps to: gpt2, llama, qwen2, gemma3_text
     name: str = ""  # where it came from (path or name), for run records
 
     def __post_init__(self):
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"unknown arch {self.arch!r}: expected 'gpt2' or 'llama'")
-        families = {"gpt2": ("gpt2",), "llama": ("llama", "qwen2")}[self.arch]
-        self.hf_model_type = self.hf_model_type or families[0]
-        if self.hf_model_type not in families:
+        families = {"gpt2": ("gpt2",), "llama": ("llama", "qwen2"), "gemma3": ("gemma3_text",)}
+        if self.arch not in families:
+            raise ValueError(f"unknown arch {self.arch!r}: expected one of {', '.join(families)}")
+        self.hf_model_type = self.hf_model_type or families[self.arch][0]
+        if self.hf_model_type not in families[self.arch]:
             raise ValueError(f"hf_model_type {self.hf_model_type!r} is not of arch {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.arch == "gemma3" and self.layer_types is None:
+            self.layer_types = [gemma3_layer_type(i) for i in range(self.n_layers)]
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            raise ValueError(f"{len(self.layer_types)} layer_types for {self.n_layers} layers")
+
+    def is_sliding(self, layer):
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
     def to_dict(self):
-        return asdict(self)
+        fields = asdict(self)
+        if self.arch != "gemma3":  # other families' records (and toy cache keys) stay as they were
+            for key in GEMMA3_FIELDS:
+                del fields[key]
+        return fields
 
     def check_layers(self, layers):
         """A one-line ValueError unless `layers` is a non-empty list of this model's block indices."""
@@ -62,6 +87,11 @@ class ModelConfig:
         if bad or not layers:
             last = self.n_layers - 1
             raise ValueError(f"layers {bad or layers} out of range: the model has layers 0..{last}")
+
+
+def gemma3_layer_type(layer, pattern=6):
+    """Gemma 3's default: five local (sliding-window) layers, then one global."""
+    return "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention"
 
 
 # -----------------------------------------------------------------------------
@@ -121,22 +151,52 @@ class RMSNorm(nn.Module):
         return self.weight * self.hook_normalized(x32.to(x.dtype))
 
 
-def make_norm(cfg):
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 (zeros at init) and multiplies in
+    fp32 before the cast back, where Llama casts first."""
+
+    def __init__(self, d, eps):
+        super().__init__(d, eps)
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        x32 = x.float()
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+        if self.hook_scale.has_hooks():
+            x32 = x32 / self.hook_scale((mean_square + self.eps).sqrt())
+        else:
+            x32 = x32 * torch.rsqrt(mean_square + self.eps)
+        return (self.hook_normalized(x32) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(cfg, d=None):
+    d = d or cfg.d_model
+    norm = {"gpt2": LayerNorm, "llama": RMSNorm, "gemma3": GemmaRMSNorm}[cfg.arch]
+    return norm(d, cfg.norm_eps)
+
+
+def rope_frequencies(cfg):
+    """{buffer name: RoPE inverse frequencies (d_head / 2,)}: Gemma 3's local layers have their own."""
     if cfg.arch == "gpt2":
-        return LayerNorm(cfg.d_model, cfg.norm_eps)
-    return RMSNorm(cfg.d_model, cfg.norm_eps)
+        return {}
+    freqs = {"inv_freq": rope_inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling)}
+    if cfg.arch == "gemma3":
+        freqs["inv_freq_local"] = rope_inv_freq(cfg.d_head, cfg.rope_local_theta, None)
+    return freqs
 
 
-def rope_inv_freq(cfg):
-    """Inverse frequencies of RoPE, with Llama-3 frequency-dependent scaling when configured."""
-    exponents = torch.arange(0, cfg.d_head, 2, dtype=torch.float32) / cfg.d_head
-    inv_freq = 1.0 / (cfg.rope_theta**exponents)  # (d_head / 2,)
-    scaling = cfg.rope_scaling or {}
+def rope_inv_freq(d_head, theta, scaling=None):
+    """Inverse frequencies of RoPE, with linear or Llama-3 (frequency-dependent) scaling."""
+    exponents = torch.arange(0, d_head, 2, dtype=torch.float32) / d_head
+    inv_freq = 1.0 / (theta**exponents)  # (d_head / 2,)
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq
+    if kind == "linear":  # positions divided by `factor` (Gemma 3's global layers from 4B up)
+        return inv_freq / scaling["factor"]
     if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
     # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between
     # interpolated
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -158,7 +218,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.cfg = cfg
         H, KV, dh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
@@ -169,10 +229,16 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(d, KV * dh, bias=cfg.qkv_bias)
             self.v_proj = nn.Linear(d, KV * dh, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * dh, d, bias=cfg.o_bias)
-        self.hook_q = HookPoint()  # (B, T, n_heads, d_head), before RoPE as in TransformerLens
-        self.hook_k = HookPoint()  # (B, T, n_kv_heads, d_head), before RoPE
+        if cfg.arch == "gemma3":  # RMSNorm of each head's query and key, before RoPE
+            self.q_norm = make_norm(cfg, dh)
+            self.k_norm = make_norm(cfg, dh)
+        # None: SDPA's default 1/sqrt(d_head), kept as is so that Llama's logits stay bit-identical
+        self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.hook_q = HookPoint()  # (B, T, n_heads, d_head), before q_norm and RoPE, as in TransformerLens
+        self.hook_k = HookPoint()  # (B, T, n_kv_heads, d_head), before k_norm and RoPE
         self.hook_v = HookPoint()  # (B, T, n_kv_heads, d_head)
-        if cfg.arch == "llama":
+        if cfg.arch != "gpt2":
             self.hook_rot_q = HookPoint()  # (B, T, n_heads, d_head), after RoPE
             self.hook_rot_k = HookPoint()  # (B, T, n_kv_heads, d_head), after RoPE
         self.hook_attn_scores = HookPoint()  # (B, n_heads, T_query, T_key), masked with -inf
@@ -192,6 +258,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)  # (B, T, H, dh), (B, T, KV, dh), (B, T, KV, dh)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.cfg.arch == "gemma3":
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope[0][:, None], rope[1][:, None]  # (T, 1, dh): broadcast over heads
             q = self.hook_rot_q(apply_rope(q, cos, sin))
@@ -200,35 +268,48 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, T_past + T, dh)
         Tk = k.shape[2]
-        # query i sees the keys up to past + i
-        causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+        visible = attention_mask(T, Tk, self.window, x.device)  # (T, Tk)
         # grouped-query attention: the fused kernel shares each KV head among its queries, no copies
         gqa = self.cfg.n_kv_heads < self.cfg.n_heads
+        windowed = self.window is not None and Tk > self.window
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             # the fused kernel never materialises the (T, T) scores, so a hook that reads or edits
             # them needs the explicit softmax (same numbers up to float rounding, more memory)
-            z = self.explicit_attention(q, k, v, causal)
-        elif T == Tk:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # new tokens after a KV cache: the mask is not square
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=gqa)
+            z = self.explicit_attention(q, k, v, visible)
+        elif T == Tk and not windowed:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:  # after a KV cache the mask is not square; a sliding window cuts it further
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale,
+                                               enable_gqa=gqa)
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
         return self.o_proj(z.reshape(B, T, -1))
 
-    def explicit_attention(self, q, k, v, causal):
+    def explicit_attention(self, q, k, v, visible):
         group = self.cfg.n_heads // self.cfg.n_kv_heads
         k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, dh)
         v = v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+        scale = self.scale or 1 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+        scores = self.hook_attn_scores(scores.masked_fill(~visible, float("-inf")))
         pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
         return pattern @ v  # (B, H, Tq, dh)
+
+
+def attention_mask(T, Tk, window, device):
+    """(T, Tk) bool, True where a query sees a key: the T queries are the last T of Tk positions;
+    query i sees the keys up to past + i, and with a window only the last `window` of them."""
+    visible = torch.ones(T, Tk, dtype=torch.bool, device=device).tril(Tk - T)
+    if window is not None:
+        visible = visible.triu(Tk - T - window + 1)
+    return visible
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.gated = cfg.arch != "gpt2"
+        # SwiGLU (Llama) or GeGLU with tanh GELU (Gemma); GPT-2's "gelu_new" is the same tanh GELU
+        self.activation = F.silu if cfg.arch == "llama" else partial(F.gelu, approximate="tanh")
         if self.gated:
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
@@ -237,22 +318,33 @@ class MLP(nn.Module):
         if self.gated:
             self.hook_pre_linear = HookPoint()  # (B, T, d_mlp): up_proj's output, ungated
         self.hook_post = HookPoint()  # (B, T, d_mlp): what down_proj reads
+        self.hook_out = HookPoint()  # (B, T, d_model): down_proj's output
 
     def forward(self, x):
-        if self.gated:  # SwiGLU
-            post = F.silu(self.hook_pre(self.gate_proj(x))) * self.hook_pre_linear(self.up_proj(x))
-        else:  # GPT-2 uses the tanh approximation of GELU ("gelu_new")
-            post = F.gelu(self.hook_pre(self.up_proj(x)), approximate="tanh")
-        return self.down_proj(self.hook_post(post))  # (B, T, d_model)
+        if self.gated:
+            post = self.activation(self.hook_pre(self.gate_proj(x)))
+            post = post * self.hook_pre_linear(self.up_proj(x))
+        else:
+            post = self.activation(self.hook_pre(self.up_proj(x)))
+        return self.hook_out(self.down_proj(self.hook_post(post)))  # (B, T, d_model)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        # Gemma normalises the attention and MLP outputs again before the residual add
+        # (TransformerLens' ln1_post / ln2_post). hook_attn_out and hook_mlp_out hold what is added,
+        # after these norms, so resid_post = resid_mid + mlp_out holds in every family; the MLP
+        # module's own output before the norm, where a down_proj LoRA acts and where the seed paper
+        # hooks "the MLP output", is mlp.hook_out.
+        self.post_norms = cfg.arch == "gemma3"
+        if self.post_norms:
+            self.ln1_post = make_norm(cfg)
+            self.ln2_post = make_norm(cfg)
         self.hook_resid_pre = HookPoint()  # (B, T, d_model)
         self.hook_attn_out = HookPoint()  # (B, T, d_model)
         self.hook_resid_mid = HookPoint()  # (B, T, d_model): resid_pre + attn_out
@@ -261,10 +353,14 @@ class Block(nn.Module):
 
     def forward(self, x, rope, cache):
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(x), rope, cache))
-        x = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x)))
-        return self.hook_resid_post(x + mlp_out)
+        attn_out = self.attn(self.ln1(x), rope, cache)
+        if self.post_norms:
+            attn_out = self.ln1_post(attn_out)
+        x = self.hook_resid_mid(x + self.hook_attn_out(attn_out))
+        mlp_out = self.mlp(self.ln2(x))
+        if self.post_norms:
+            mlp_out = self.ln2_post(mlp_out)
+        return self.hook_resid_post(x + self.hook_mlp_out(mlp_out))
 
 
 # -----------------------------------------------------------------------------
@@ -303,9 +399,9 @@ class Transformer(nn.Module):
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
             self.hook_pos_embed = HookPoint()  # (B, T, d_model)
-        else:
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        for name, inv_freq in rope_frequencies(cfg).items():
+            self.register_buffer(name, inv_freq, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -324,11 +420,21 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def rope(self, start, T, dtype):
-        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)  # (T, dh/2), in fp32 like HF
+    def rope(self, start, T, dtype, inv_freq):
+        pos = torch.arange(start, start + T, device=inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(pos, inv_freq)  # (T, dh/2), in fp32 like HF
         angles = torch.cat([angles, angles], dim=-1)  # (T, dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def ropes(self, start, T, dtype):
+        """(cos, sin) of every block, (T, d_head) each; None for learned positions."""
+        if self.cfg.arch == "gpt2":
+            return [None] * self.cfg.n_layers
+        rope = self.rope(start, T, dtype, self.inv_freq)
+        if self.cfg.arch != "gemma3":
+            return [rope] * self.cfg.n_layers
+        local = self.rope(start, T, dtype, self.inv_freq_local)
+        return [local if self.cfg.is_sliding(i) else rope for i in range(self.cfg.n_layers)]
 
     def forward(self, tokens, cache=None, at=None, start_at_layer=0):
         """tokens (B, T) -> logits (B, T, vocab). `cache` is a list of LayerCache (see new_cache).
@@ -344,19 +450,25 @@ class Transformer(nn.Module):
         else:
             start = len(cache[0]) if cache else 0
             x = self.embed_tokens(tokens, start)  # (B, T, d_model)
-        T = x.shape[1]
-        rope = None if self.cfg.arch == "gpt2" else self.rope(start, T, x.dtype)
+        ropes = self.ropes(start, x.shape[1], x.dtype)
         for i in range(start_at_layer, self.cfg.n_layers):
-            x = self.blocks[i](x, rope, cache[i] if cache else None)
+            x = self.blocks[i](x, ropes[i], cache[i] if cache else None)
         x = self.ln_final(x)
         if at is not None:
             x = x[at]  # (n, d_model)
-        return self.unembed(x)
+        logits = self.unembed(x)
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def embed_tokens(self, tokens, start):
         """tokens (B, T) -> the residual stream entering block 0, (B, T, d_model)."""
         B, T = tokens.shape
-        x = self.hook_embed(self.embed(tokens))  # (B, T, d_model)
+        x = self.embed(tokens)  # (B, T, d_model)
+        if self.cfg.arch == "gemma3":  # scaled by sqrt(d_model), rounded to the model's dtype as HF does
+            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
+        x = self.hook_embed(x)
         if self.cfg.arch == "gpt2":
             if start + T > self.cfg.n_ctx:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the model's n_ctx={self.cfg.n_ctx}")

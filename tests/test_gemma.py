@@ -1,0 +1,241 @@
+"""
+Gemma 3 in model.py against HF transformers' Gemma3ForCausalLM: tiny random configs whose sliding
+window is shorter than the test sequence (saved with save_pretrained, nothing downloaded), the
+multimodal checkpoint layout (its text model), and the real gemma-3-270m from its GGUF, which
+transformers also reads. The tokenizer has its own file (test_tokenizer_gemma.py).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
+
+from checkpoint import CheckpointError, load_model, save_model
+from model import generate
+
+VOCAB, T, WINDOW = 101, 40, 8  # T > WINDOW: the local layers' window cuts every later row
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def tiny_config(**overrides):
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                    layer_types=LAYER_TYPES, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                        "rope_theta": 1000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
+                    final_logit_softcapping=30.0)
+    return Gemma3TextConfig(**{**settings, **overrides})
+
+
+def randomize(module, seed=0):
+    """Weights far from HF's init (norm weights 0 = scale 1 in Gemma), so that a swapped tensor, a
+    norm without its + 1 or a wrong window changes the logits well beyond the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def tiny_hf_gemma(**overrides):
+    # eager attention: the only HF implementation that returns attention patterns
+    return randomize(Gemma3ForCausalLM._from_config(tiny_config(**overrides), attn_implementation="eager"))
+
+
+def random_tokens(n_rows=2, seed=0, length=T):
+    return torch.randint(0, VOCAB, (n_rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    hf = tiny_hf_gemma()
+    directory = tmp_path_factory.mktemp("gemma3")
+    hf.save_pretrained(directory)
+    ours, _ = load_model(str(directory))
+    return hf, ours
+
+
+def test_logits_match_hf(hf_and_ours):
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, ours(tokens)  # (B, T, vocab)
+    assert expected.std() > 1.0
+    assert expected.abs().max() < 30.0  # soft-capped
+    assert max_diff(got, expected) < 1e-4
+
+
+def test_window_and_layer_types_matter(hf_and_ours):
+    # the comparison above can fail: a model that ignores the window or the local RoPE base does
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    for change in ({"sliding_window": 64}, {"layer_types": ["full_attention"] * 3}):
+        other = Gemma3ForCausalLM._from_config(tiny_config(**change), attn_implementation="eager")
+        other.load_state_dict(hf.state_dict())
+        with torch.no_grad():
+            assert max_diff(other.eval()(tokens).logits, ours(tokens)) > 1e-2
+
+
+def test_resid_post_is_hf_hidden_state(hf_and_ours):
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+        _, cache = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert max_diff(cache["blocks.0.hook_resid_post"], hidden[1]) < 1e-4
+    assert max_diff(cache["blocks.1.hook_resid_post"], hidden[2]) < 1e-4
+
+
+def test_hook_pattern_matches_hf_attentions(hf_and_ours):
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    with torch.no_grad():
+        attentions = hf(tokens, output_attentions=True).attentions  # n_layers of (B, H, T, T)
+        _, cache = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    for l, expected in enumerate(attentions):
+        assert max_diff(cache[f"blocks.{l}.attn.hook_pattern"], expected) < 1e-5
+    local = cache["blocks.0.attn.hook_pattern"][0, 0]  # (T, T)
+    assert local[T - 1, : T - WINDOW].abs().max() == 0 and local[T - 1, T - WINDOW] > 0
+
+
+def test_mlp_hooks_before_and_after_the_post_feedforward_norm(hf_and_ours):
+    # hook_mlp_out is what the residual stream receives (after the norm); mlp.hook_out is the MLP
+    # module's output before it, where HF's forward hook on layers[l].mlp reads
+    hf, ours = hf_and_ours
+    tokens = random_tokens()
+    seen = {}
+    handle = hf.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.update(mlp=o))
+    with torch.no_grad():
+        hf(tokens)
+        _, cache = ours.run_with_cache(tokens)
+    handle.remove()
+    assert max_diff(cache["blocks.1.mlp.hook_out"], seen["mlp"]) < 1e-4
+    parts = cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"]
+    assert max_diff(parts, cache["blocks.1.hook_resid_post"]) < 1e-5
+    assert max_diff(cache["blocks.1.hook_mlp_out"], seen["mlp"]) > 1e-2
+
+
+def test_kv_cache_continues_past_the_window(hf_and_ours):
+    _, ours = hf_and_ours
+    tokens = random_tokens()
+    cache = ours.new_cache()
+    with torch.no_grad():
+        full = ours(tokens)
+        chunks = [ours(tokens[:, :5], cache), ours(tokens[:, 5:21], cache)]
+        chunks += [ours(tokens[:, i : i + 1], cache) for i in range(21, T)]
+    assert max_diff(torch.cat(chunks, dim=1), full) < 1e-4
+
+
+def test_generation_same_with_and_without_kv_cache(hf_and_ours):
+    _, ours = hf_and_ours
+    prompt = random_tokens(n_rows=2, length=5)
+    with_cache = generate(ours, prompt, 20, use_cache=True)  # 25 > WINDOW positions
+    assert torch.equal(with_cache, generate(ours, prompt, 20, use_cache=False))
+
+
+def test_bf16_logits_close_to_hf_bf16(tmp_path):
+    hf = tiny_hf_gemma()
+    hf.save_pretrained(tmp_path)
+    ours, _ = load_model(str(tmp_path), dtype=torch.bfloat16)
+    tokens = random_tokens()
+    with torch.no_grad():
+        expected = hf.to(torch.bfloat16)(tokens).logits.float()
+        got = ours(tokens).float()
+    # both round the sqrt(d_model) embedding scale and every norm to bf16 in the same places
+    assert max_diff(got, expected) < 0.1
+
+
+def test_sharded_checkpoint_loads_to_same_logits(tmp_path):
+    hf = tiny_hf_gemma()
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    shards = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) > 1
+    ours, _ = load_model(str(tmp_path))
+    tokens = random_tokens()
+    with torch.no_grad():
+        assert max_diff(ours(tokens), hf(tokens).logits) < 1e-4
+
+
+def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    # gemma-3-4b-it and up (the seed paper's 12b-it) are Gemma3ForConditionalGeneration: a vision
+    # tower beside the text model. Ours reads the text model; on text the logits are the same.
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    # (Gemma3ForConditionalGeneration never soft-caps its logits; no released Gemma 3 sets a cap)
+    text = tiny_config(final_logit_softcapping=None).to_dict()
+    config = Gemma3Config(text_config=text, vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                          eoi_token_index=VOCAB - 2)
+    hf = randomize(Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager"))
+    hf.save_pretrained(tmp_path)
+    ours, _ = load_model(str(tmp_path))
+    tokens = random_tokens() % (VOCAB - 3)  # no image tokens
+    with torch.no_grad():
+        assert max_diff(ours(tokens), hf(input_ids=tokens).logits) < 1e-4
+
+
+def test_saved_model_loads_in_hf_with_same_logits(hf_and_ours, tmp_path):
+    _, ours = hf_and_ours
+    save_model(ours, str(tmp_path))
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokens = random_tokens()
+    with torch.no_grad():
+        assert max_diff(hf.eval()(tokens).logits, ours(tokens)) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Unsupported variants and bad files: one-line errors naming the file
+
+
+def assert_checkpoint_error(path, match):
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_model(str(path))
+    assert "\n" not in str(error.value)
+
+
+def edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **changes}))
+
+
+@pytest.fixture
+def gemma_dir(tmp_path):
+    tiny_hf_gemma().save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3n", "gemma"])
+def test_error_other_gemma_generations(gemma_dir, model_type):
+    edit_config(gemma_dir, model_type=model_type)
+    assert_checkpoint_error(gemma_dir, f"config.json: {model_type} is not supported: only Gemma 3")
+
+
+def test_error_attention_softcapping(gemma_dir):
+    edit_config(gemma_dir, attn_logit_softcapping=50.0)
+    assert_checkpoint_error(gemma_dir, "attention soft-capping")
+
+
+def test_error_missing_qk_norm(gemma_dir):
+    path = gemma_dir / "model.safetensors"
+    state = load_file(path)
+    del state["model.layers.1.self_attn.k_norm.weight"]
+    save_file(state, path)
+    assert_checkpoint_error(gemma_dir, "missing tensor model.layers.1.self_attn.k_norm.weight")
+
+
+def test_error_misshapen_norm(gemma_dir):
+    path = gemma_dir / "model.safetensors"
+    state = load_file(path)
+    state["model.layers.0.post_feedforward_layernorm.weight"] = torch.zeros(63)
+    save_file(state, path)
+    assert_checkpoint_error(gemma_dir, r"post_feedforward_layernorm.weight has shape \(63,\)")
