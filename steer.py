@@ -24,12 +24,19 @@ File format (safetensors): `direction.{layer}` fp32 [d_model]; codename mode ins
 `codename_direction.{layer}` fp32 [n_codenames, d_model] and `codename_tokens.{i}.{variant}` int64;
 adaptive mode adds `gate_weight.{layer}` [d_model] and `gate_bias.{layer}` [1]. String metadata:
 hook, method, positions, d_model, layers (JSON), model (a hint), codenames (JSON names).
+
+llama.cpp control vectors (GGUF: `llama-cli --control-vector`, repeng's export_gguf):
+save_control_vector, load_control_vector, `python steer.py export|import IN OUT` (last section).
 """
 
+import argparse
 import json
 import os
+import re
+import sys
 from contextlib import contextmanager
 
+import gguf
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -37,10 +44,10 @@ from safetensors.torch import save_file
 
 import lora
 import tasks
-from checkpoint import atomic_write, first_line
+from checkpoint import CheckpointError, atomic_write, first_line, gguf_field, open_gguf
 
 HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
-METHODS = ("trained", "diffmean", "pca", "lora_natural")
+METHODS = ("trained", "diffmean", "pca", "lora_natural", "controlvector")
 POSITION_MODES = ("all", "from:K", "last", "codename", "adaptive")
 
 
@@ -582,3 +589,165 @@ def lora_natural_vector(model, batches, layer, hook="hook_mlp_out"):
     found = natural_vector_from_diffs(lora_token_diffs(model, batches, layer, hook))
     vector.directions[str(layer)].data.copy_(found)
     return vector.to(next(model.parameters()).device)
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp control vectors: the GGUF file `llama-cli --control-vector FILE` reads and repeng's
+# export_gguf writes. llama.cpp adds `direction.N` to the output of block N (its l_out, after the
+# FFN's residual add) at every position: our blocks.N.hook_resid_post, positions "all". Its loader
+# (common/common.cpp, common_control_vector_load_one) reads only the tensors, and rejects the file
+# unless each is named direction.N with N >= 1 (it keeps no vector for block 0's output), is F32
+# and 1-D, all of one length; a block given twice, or in several files, is summed. The metadata
+# (general.architecture, controlvector.model_hint, .layer_count) is for people and repeng.
+
+CONTROL_VECTOR_ARCH = "controlvector"
+DIRECTION_NAME = re.compile(r"direction\.([0-9]+)")
+
+
+def control_vector_block(hook, layer):
+    """The block N whose output gets what `hook` at block `layer` adds. resid_pre of block l is
+    block l - 1's output; hook_mlp_out is read only by the block's residual add, so adding v there
+    adds v to the block's output (equal up to float rounding)."""
+    return layer - 1 if hook == "hook_resid_pre" else layer
+
+
+def export_problem(vector):
+    """Why llama.cpp cannot add `vector` where apply() adds it, or None if it can."""
+    if vector.positions != "all" and vector.from_position != 0:
+        return (f"positions={vector.positions!r}, but llama.cpp adds a control vector at every "
+                "position: train or extract it with positions='all'")
+    for layer in vector.layers:
+        block = control_vector_block(vector.hook, layer)
+        if block < 1:
+            site = "the embeddings" if block < 0 else "block 0's output"
+            first = 1 + layer - block  # the first block whose vector lands at direction.1
+            return (f"{vector.hook} at block {layer} adds to {site}, which llama.cpp never steers "
+                    f"(it rejects direction.0): use blocks >= {first}")
+    return None
+
+
+def save_control_vector(vector, path, model_hint=None):
+    """Write `vector` as a llama.cpp control vector (GGUF), as it is: llama.cpp scales it when it
+    loads it (`--control-vector-scaled FILE S` adds what apply(model, coeff=S) adds). model_hint
+    (default: the vector's) is only a label. A vector llama.cpp cannot add where we do is a
+    one-line ValueError saying what would work."""
+    problem = export_problem(vector)
+    if problem:
+        raise ValueError(f"{path}: cannot export as a llama.cpp control vector: {problem}")
+    hint = vector.model_hint if model_hint is None else model_hint
+    directions = {}  # {block N: fp32 numpy (d_model,)}
+    for layer in vector.layers:
+        direction = vector.directions[str(layer)].detach().float().cpu()
+        directions[control_vector_block(vector.hook, layer)] = direction.numpy()
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)  # sets general.architecture
+        try:
+            writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", hint)
+            writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(directions))
+            for block, direction in directions.items():
+                writer.add_tensor(f"direction.{block}", direction)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    atomic_write(path, write)
+
+
+def read_direction(tensor, path):
+    """One GGUF tensor -> (block N, fp32 (n_embd,)), under llama.cpp's loader's rules."""
+    match = DIRECTION_NAME.fullmatch(tensor.name)
+    if not match:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} is not a direction.N "
+                              "(llama.cpp rejects any other tensor)")
+    block = int(match.group(1))
+    if block == 0:
+        raise CheckpointError(f"{path}: direction.0: llama.cpp never steers block 0's output "
+                              "and rejects the file")
+    if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+        raise CheckpointError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, "
+                              "llama.cpp reads only F32 directions")
+    if any(n != 1 for n in tensor.shape[1:]):  # ggml's dimensions, where trailing 1s don't count
+        shape = "x".join(str(n) for n in tensor.shape)
+        raise CheckpointError(f"{path}: {tensor.name} has shape {shape}, llama.cpp reads only "
+                              "1-D directions")
+    return block, torch.tensor(tensor.data).float().reshape(-1)
+
+
+def read_directions(reader, path):
+    """{block N: fp32 (n_embd,)} of a control vector file; a block given twice is summed, as
+    llama.cpp sums it (two tensors may name one block: direction.5 and direction.05)."""
+    directions = {}
+    first = None  # (name, length) of the first tensor: every other must have its length
+    for tensor in reader.tensors:
+        block, values = read_direction(tensor, path)
+        first = first or (tensor.name, len(values))
+        if len(values) != first[1]:
+            raise CheckpointError(f"{path}: {tensor.name} has {len(values)} values but "
+                                  f"{first[0]} has {first[1]} (one n_embd per file)")
+        directions[block] = directions.get(block, 0) + values
+    if not directions:
+        raise CheckpointError(f"{path}: no direction.N tensors (llama.cpp rejects the file)")
+    return directions
+
+
+def load_control_vector(path, model=None):
+    """A llama.cpp control vector (GGUF) -> SteeringVector at hook_resid_post, positions "all",
+    method "controlvector": direction.N steers block N's output, as in llama.cpp. A file
+    llama.cpp would reject, or one not made for it (general.architecture), is a one-line
+    CheckpointError; with `model`, check it fits and move it to the model's device (llama.cpp
+    would ignore directions past the last block; we refuse them)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such control vector file")
+    reader = open_gguf(path)
+    arch = gguf_field(reader, "general.architecture")
+    if arch != CONTROL_VECTOR_ARCH:
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}, not "
+                              f"{CONTROL_VECTOR_ARCH!r}: not a control vector")
+    directions = read_directions(reader, path)
+    d_model = len(next(iter(directions.values())))
+    hint = str(gguf_field(reader, f"{CONTROL_VECTOR_ARCH}.model_hint", ""))
+    vector = SteeringVector(d_model, list(directions), hook="hook_resid_post",
+                            method="controlvector", model_hint=hint)
+    with torch.no_grad():
+        for block, values in directions.items():
+            vector.directions[str(block)].copy_(values)
+    if model is not None:
+        vector.check_fits(model, source=path)
+        vector.to(next(model.parameters()).device)
+    return vector
+
+
+def main(argv=None):
+    """`python steer.py export VECTOR.safetensors OUT.gguf` or `import IN.gguf OUT.safetensors`."""
+    parser = argparse.ArgumentParser(description="Steering vector files to and from llama.cpp "
+                                     "control vectors (GGUF, llama-cli --control-vector).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="a steering_vector.safetensors -> a .gguf")
+    export.add_argument("vector", help="a steering vector file (train.py's run directory)")
+    export.add_argument("out", help="the control vector to write (.gguf)")
+    export.add_argument("--model-hint", help="the controlvector.model_hint label "
+                        "(default: the vector's own)")
+    load = commands.add_parser("import", help="a control vector .gguf -> a .safetensors")
+    load.add_argument("vector", help="a control vector (.gguf)")
+    load.add_argument("out", help="the steering vector file to write (.safetensors)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            vector = SteeringVector.load(args.vector)
+            save_control_vector(vector, args.out, args.model_hint)
+        else:
+            vector = load_control_vector(args.vector)
+            vector.save(args.out)
+    except ValueError as e:  # CheckpointError included: the file and the problem, one line
+        sys.exit(f"error: {first_line(e)}")
+    blocks = [control_vector_block(vector.hook, layer) for layer in vector.layers]
+    names = ", ".join(f"direction.{block}" for block in blocks)
+    print(f"wrote {args.out}: {names} (added to the output of blocks {blocks}), "
+          f"d_model {vector.d_model}")
+
+
+if __name__ == "__main__":
+    main()
