@@ -46,7 +46,9 @@ import lora
 import tasks
 from checkpoint import CheckpointError, atomic_write, first_line, gguf_field, open_gguf
 
-HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
+# mlp.hook_out is the MLP's own output: on Gemma before its post-feedforward norm (where a down_proj
+# LoRA acts, the seed paper's site), elsewhere the same as hook_mlp_out
+HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "mlp.hook_out")
 METHODS = ("trained", "diffmean", "pca", "lora_natural", "controlvector")
 POSITION_MODES = ("all", "from:K", "last", "codename", "adaptive")
 
@@ -616,6 +618,9 @@ def export_problem(vector):
     if vector.positions != "all" and vector.from_position != 0:
         return (f"positions={vector.positions!r}, but llama.cpp adds a control vector at every "
                 "position: train or extract it with positions='all'")
+    if vector.hook == "mlp.hook_out":
+        return ("mlp.hook_out is the MLP's output before Gemma's post-feedforward norm, not a "
+                "constant added to the residual stream: train at hook_mlp_out or hook_resid_post")
     for layer in vector.layers:
         block = control_vector_block(vector.hook, layer)
         if block < 1:

@@ -127,7 +127,7 @@ class TrainConfig:
     lora_targets: list = flag(["down_proj"], "comma-separated module names, e.g. down_proj,q_proj",
                               type=comma_list)
     hook: str = flag("hook_mlp_out", "where the steering vector is added",
-                     choices=["hook_resid_pre", "hook_resid_post", "hook_mlp_out"])
+                     choices=list(steer.HOOKS))
     positions: str = flag("all", "where along the sequence: all | from:K | codename | adaptive")
     lr: float | None = flag(None, "peak learning rate (AdamW)", type=float,
                             shown="steer 1e-2 on toy models and 1e-1 on real ones (a real residual "

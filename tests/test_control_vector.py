@@ -182,6 +182,8 @@ def test_from_zero_is_every_position_and_exports(tmp_path):
     (dict(layers=[1], hook="hook_resid_pre"), "hook_resid_pre at block 1 adds to block 0's "
                                               r"output.*use blocks >= 2"),
     (dict(layers=[0], hook="hook_resid_pre"), "hook_resid_pre at block 0 adds to the embeddings"),
+    (dict(layers=[2], hook="mlp.hook_out"), "mlp.hook_out is the MLP's output before Gemma's "
+                                            "post-feedforward norm"),
 ])
 def test_refused_exports_say_what_would_work(tmp_path, kwargs, message):
     path = tmp_path / "v.gguf"

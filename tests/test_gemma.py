@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM,
 
 from checkpoint import CheckpointError, load_model, save_model
 from model import generate
+from steer import SteeringVector
 
 VOCAB, T, WINDOW = 101, 40, 8  # T > WINDOW: the local layers' window cuts every later row
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -121,6 +122,26 @@ def test_mlp_hooks_before_and_after_the_post_feedforward_norm(hf_and_ours):
     parts = cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"]
     assert max_diff(parts, cache["blocks.1.hook_resid_post"]) < 1e-5
     assert max_diff(cache["blocks.1.hook_mlp_out"], seen["mlp"]) > 1e-2
+
+
+@pytest.mark.parametrize("hook, hf_module", [("mlp.hook_out", "mlp"),
+                                              ("hook_mlp_out", "post_feedforward_layernorm")])
+def test_steering_vector_adds_where_hf_module_outputs(hf_and_ours, hook, hf_module):
+    # the seed paper's site, the MLP module's output, is before Gemma's post-feedforward norm
+    hf, ours = hf_and_ours
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    vector = SteeringVector(64, layers=[1], hook=hook)
+    with torch.no_grad():
+        vector.directions["1"].copy_(v)
+    module = getattr(hf.model.layers[1], hf_module)
+    handle = module.register_forward_hook(lambda m, inputs, output: output + v)
+    tokens = random_tokens()
+    with torch.no_grad(), vector.apply(ours):
+        expected, got = hf(tokens).logits, ours(tokens)
+    handle.remove()
+    with torch.no_grad():
+        assert max_diff(hf(tokens).logits, expected) > 1e-2
+    assert max_diff(got, expected) < 1e-4
 
 
 def test_kv_cache_continues_past_the_window(hf_and_ours):

@@ -207,6 +207,18 @@ def hf_gpt2(tmp_path):
     return hf, load_model(str(tmp_path / "base"))[0]
 
 
+def hf_gemma3(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=64, sliding_window=4, sliding_window_pattern=2)
+    hf = Gemma3ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "base")
+    return hf, load_model(str(tmp_path / "base"))[0]
+
+
 def peft_logits(hf, adapter_dir, x):
     from peft import PeftModel
 
@@ -219,6 +231,7 @@ def peft_logits(hf, adapter_dir, x):
     (hf_gpt2, ("c_attn", "c_fc"), None),
     (hf_llama, ("self_attn.q_proj", "mlp.down_proj"), [1]),
     (hf_gpt2, ("c_attn", "c_proj"), 1),
+    (hf_gemma3, ("q_proj", "k_proj", "down_proj"), None),
 ])
 def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, make, targets, layers):
     hf, ours = make(tmp_path)
@@ -238,6 +251,7 @@ def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, make, targets, lay
 @pytest.mark.parametrize("make, targets, layers", [
     (hf_llama, ["q_proj", "v_proj", "down_proj"], None),
     (hf_gpt2, ["c_attn", "c_fc"], [0]),
+    (hf_gemma3, ["q_proj", "o_proj", "gate_proj"], [1]),
 ])
 def test_peft_adapter_loads_into_ours_with_same_logits(tmp_path, make, targets, layers):
     from peft import LoraConfig, get_peft_model
