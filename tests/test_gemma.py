@@ -6,6 +6,7 @@ transformers also reads. The tokenizer has its own file (test_tokenizer_gemma.py
 """
 
 import json
+import gguf
 
 import pytest
 import torch
@@ -260,3 +261,42 @@ def test_error_misshapen_norm(gemma_dir):
     state["model.layers.0.post_feedforward_layernorm.weight"] = torch.zeros(63)
     save_file(state, path)
     assert_checkpoint_error(gemma_dir, r"post_feedforward_layernorm.weight has shape \(63,\)")
+
+
+def write_gguf(path, arch, tensors, **fields):
+    """A small GGUF file: `arch`'s hyperparameters as {arch}.{key} fields, fp32 tensors."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in fields.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    for name, values in tensors.items():
+        writer.add_tensor(name, values.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, message", [("gemma2", "unknown GGUF architecture 'gemma2'"),
+                                           ("gemma3n", "unknown GGUF architecture 'gemma3n'"),
+                                           ("clip", "a vision tower")])
+def test_error_unsupported_gguf_architecture(tmp_path, arch, message):
+    write_gguf(tmp_path / "m.gguf", arch, {"token_embd.weight": torch.zeros(8, 4)})
+    assert_checkpoint_error(tmp_path / "m.gguf", message)
+
+
+def test_error_gemma3_gguf_missing_tensor(tmp_path):
+    # a tiny Gemma 3 GGUF with every tensor but block 1's key norm
+    hyper = dict(embedding_length=16, block_count=2, feed_forward_length=32, vocab_size=12,
+                 context_length=64, **{"attention.head_count": 2, "attention.head_count_kv": 1,
+                                       "attention.key_length": 8, "attention.sliding_window": 4})
+    shapes = {"token_embd": (12, 16), "output_norm": (16,)}
+    per_block = {"attn_q": (16, 16), "attn_k": (8, 16), "attn_v": (8, 16), "attn_output": (16, 16),
+                 "attn_q_norm": (8,), "attn_k_norm": (8,), "attn_norm": (16,), "ffn_norm": (16,),
+                 "post_attention_norm": (16,), "post_ffw_norm": (16,), "ffn_gate": (32, 16),
+                 "ffn_up": (32, 16), "ffn_down": (16, 32)}
+    for block in range(2):
+        shapes.update({f"blk.{block}.{name}": shape for name, shape in per_block.items()})
+    del shapes["blk.1.attn_k_norm"]
+    write_gguf(tmp_path / "m.gguf", "gemma3", {f"{n}.weight": torch.ones(s) for n, s in shapes.items()},
+               **hyper)
+    assert_checkpoint_error(tmp_path / "m.gguf", "missing tensor for blocks.1.attn.k_norm.weight")
