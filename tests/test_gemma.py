@@ -6,8 +6,8 @@ transformers also reads. The tokenizer has its own file (test_tokenizer_gemma.py
 """
 
 import json
-import gguf
 
+import gguf
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
