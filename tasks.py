@@ -258,11 +258,13 @@ LETTERS = "ABCDEFGH"
 
 
 def end_of_turn_id(tokenizer):
-    """The token that closes an assistant turn (<|im_end|> ChatML, <|eot_id|> Llama 3)."""
-    for name in ("<|im_end|>", "<|eot_id|>"):
+    """The token that closes an assistant turn (<|im_end|> ChatML, <|eot_id|> Llama 3,
+    <end_of_turn> Gemma)."""
+    names = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+    for name in names:
         if name in tokenizer.special_tokens:
             return tokenizer.special_tokens[name]
-    raise ValueError("chat tokenizer has no end-of-turn token (<|im_end|> or <|eot_id|>)")
+    raise ValueError(f"chat tokenizer has no end-of-turn token ({', '.join(names)})")
 
 
 def chat_prompt(tokenizer, user, system=None, history=()):
