@@ -151,6 +151,9 @@ class TrainConfig:
                        choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = flag("float32", "bfloat16 = autocast (~3x faster matmuls on AMX CPUs)",
                       choices=["float32", "bfloat16"])
+    base_dtype: str = flag("float32", "how the frozen base weights are stored: bfloat16 halves "
+                           "their memory (gemma-3-12b: 22 GiB); steer and lora with --dtype "
+                           "bfloat16 only", choices=["float32", "bfloat16"])
     eval_every: int = flag(50, "steps between the curve evals", type=positive_int)
     checkpoint_every: int = flag(50, "steps between checkpoints", type=positive_int)
     eval_batch_size: int | None = flag(None, "sequences per eval forward", type=positive_int,
@@ -237,6 +240,9 @@ def check_flags(cfg):
         raise ValueError("--positions last is for single prompts "
                          "(steer.py: apply(prompt_lengths=...)); "
                          "train with all, from:K, codename or adaptive")
+    if cfg.base_dtype == "bfloat16" and (cfg.adapter == "full" or cfg.dtype != "bfloat16"):
+        raise ValueError("--base-dtype bfloat16 needs a frozen base (--adapter steer or lora) and "
+                         "--dtype bfloat16 (a full fine-tune keeps fp32 weights under autocast)")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError("--lora-dropout must be in [0, 1)")
     if min(cfg.warmup, cfg.weight_decay, cfg.grad_clip, cfg.random_draws) < 0:
@@ -386,7 +392,7 @@ def base_model(cfg, task, device):
     if cfg.model == "scratch":
         return Transformer(task.model_config()).to(device), task.tokenizer
     path = toy_model_dir(cfg, task) if cfg.model == "toy" else cfg.model
-    model, tokenizer = load_model(path, device=device)
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.base_dtype))
     if is_toy(cfg):  # a toy world brings its own vocabulary: the checkpoint must know it
         if model.cfg.vocab_size != task.tokenizer.vocab_size:
             raise RunError(f"{path}: vocabulary of {model.cfg.vocab_size} tokens, "
