@@ -177,3 +177,17 @@ def test_a_vector_that_only_biases_the_output_is_matched_by_its_direct_path():
     assert scores["direct_path"] == trained
     assert set(scores) == {"direct_path", "random_mean", "random_p95"}
     assert 0 <= scores["random_mean"]["probe"] <= scores["random_p95"]["probe"] <= 1
+
+
+def test_logit_bias_fit_on_a_large_vocabulary_matches_the_full_fit():
+    """Tokens outside every row's top `keep` share one bias: the fit equals Adam over every
+    column (baselines.fit_bias, the full problem) to within a fraction of a percent."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 5000, generator=g) * 3
+    targets = torch.randint(0, 30, (200,), generator=g)
+    full = baselines.fit_bias(logits, targets, steps=200, lr=0.1)
+    shared = baselines.fit_logit_bias(logits, targets, keep=16)
+    assert (logits.topk(16, dim=-1).indices.unique().numel() + 30) < 5000  # some columns shared
+    p_full, p_shared = (logits + full).softmax(-1), (logits + shared).softmax(-1)
+    assert (p_full - p_shared).abs().max() < 5e-3
+    assert (p_full - logits.softmax(-1)).abs().max() > 0.1  # the fit did move the answers
