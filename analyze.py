@@ -43,7 +43,7 @@ import steer
 import tasks
 import train
 from checkpoint import CheckpointError, atomic_write, first_line, load_model, read_json, write_json
-from model import LayerNorm
+from model import LayerCache, LayerNorm
 
 
 class AnalysisError(ValueError):
@@ -340,7 +340,12 @@ def attention_patterns(model, tokens, layers=None):
 # Activation patching, batched: the patched runs are copies of one prompt stacked along the batch
 # dimension; one hook per hook name writes the source activation into exactly the copies (and the
 # positions, and the head) that patch it there. Rows of a batch never interact, so the result
-# equals one forward per patch, at a fraction of the forwards.
+# equals one forward per patch, at a fraction of the forwards. And at a fraction of the work: a
+# patch in block L at positions >= p leaves the run's input to block L, and every position before
+# p at every layer, as they are in the unpatched target run, so a patched run starts at block L
+# from the target's residual stream and at position p after the target's keys and values
+# (model.forward's start_at_layer, with a KV cache). A patch that writes the target's own values
+# is the target run, and is not run at all.
 
 SITES = {  # site -> the hook inside every block
     "resid_pre": "hook_resid_pre",
@@ -352,6 +357,10 @@ DIRECTIONS = {
     "denoise": "clean activations into the corrupted run",
     "noise": "corrupted activations into the clean run",
 }
+# A block call's fixed cost (Python, kernel launches: ~0.1 ms on a CPU core, measured on the toy
+# model) in FLOPs: patches of neighbouring layers share a forward where that saves more calls than
+# the blocks below their own layer cost, as on short prompts, where the fixed costs dominate
+BLOCK_CALL_FLOPS = 5e6
 
 
 @dataclass(frozen=True)
@@ -362,6 +371,25 @@ class Patch:
     hook: str
     positions: tuple
     head: int | None = None
+
+
+@dataclass
+class Trace:
+    """Unpatched runs that patched runs start from: tokens (B, T), logits (B, T, vocab), the
+    activations {hook name: (B, T, ...)} of the patched hooks and of every block's input
+    (hook_resid_pre), and the keys (after RoPE) and values of every layer, [(k, v)], each
+    (B, n_kv_heads, T, d_head)."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    acts: dict
+    kv: list
+
+    def row(self, i):
+        keep = slice(i, i + 1)
+        acts = {name: a[keep] for name, a in self.acts.items()}
+        kv = [(k[keep], v[keep]) for k, v in self.kv]
+        return Trace(self.tokens[keep], self.logits[keep], acts, kv)
 
 
 def logit_diff(right, wrong, position=-1):
@@ -388,6 +416,11 @@ def site_hook(model, site):
 def site_names(model, site):
     suffix = site_hook(model, site)
     return [f"blocks.{l}.{suffix}" for l in range(model.cfg.n_layers)]
+
+
+def block_of(hook):
+    """'blocks.3.hook_mlp_out' -> 3."""
+    return int(hook.split(".")[1])
 
 
 def check_spans(spans, n_positions, site):
@@ -445,21 +478,155 @@ def default_batch_size(model, n_positions):
     return max(1, min(64, 50_000_000 // (n_positions * model.cfg.vocab_size)))
 
 
+def reads_inputs(model):
+    """Whether a forward pre-hook on the model may read its input. steer.py's position modes read
+    the token ids (codename, last, from:K; every mode registers the hook) and carry them from one
+    forward to the next of a KV cache: a run from a residual stream, or one of several continuing
+    one cache, would feed them neither."""
+    return bool(model._forward_pre_hooks)
+
+
+def hooked(model):
+    """Whether anything else hooks the model's modules (a steering vector, frozen attention, a
+    caller's hook): such a hook may assume whole sequences, e.g. (1, T, ...) replacements."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def trace_names(model, names):
+    """The hooks a Trace keeps: `names`, and every block's input but the first (token ids)."""
+    inputs = [f"blocks.{l}.hook_resid_pre" for l in range(1, model.cfg.n_layers)]
+    return list(dict.fromkeys(list(names) + inputs))
+
+
 @torch.no_grad()
-def patched_metrics(model, tokens, source, patches, metric, batch_size=None, desc="patching"):
+def trace(model, tokens, names):
+    """tokens (B, T) -> the Trace of their runs, with the activations at `names`: one forward."""
+    acts = {}
+
+    def save(x, hook):
+        acts[hook.name] = x
+
+    cache = model.new_cache()
+    with model.hooks([(name, save) for name in trace_names(model, names)]):
+        logits = model(tokens, cache)  # (B, T, vocab)
+    return Trace(tokens, logits, acts, [(c.k, c.v) for c in cache])
+
+
+def changed_positions(source, target):
+    """{(hook name, head or None): [bool per position]}: where the source activation differs
+    from the target run's, bit for bit (per head too where the activation has heads)."""
+    changed = {}
+    for name, value in source.items():
+        differs = value[0] != target.acts[name][0]  # (T, ...)
+        changed[name, None] = differs.flatten(1).any(-1).tolist()
+        if differs.dim() == 3:  # (T, n_heads, d_head)
+            for head, flags in enumerate(differs.any(-1).T.tolist()):
+                changed[name, head] = flags
+    return changed
+
+
+def first_change(patch, changed):
+    """The first position where `patch` writes something else than the target run has there;
+    None for a patch that writes the target's own values (the patched run is the target run)."""
+    flags = changed[patch.hook, patch.head]
+    return min((p for p in patch.positions if flags[p]), default=None)
+
+
+def forward_flops(n_blocks, n_rows, n_tokens, token_flops):
+    """The estimated cost of a patched forward, fixed costs included."""
+    return n_blocks * (BLOCK_CALL_FLOPS + token_flops * n_rows * n_tokens)
+
+
+def chunked(starts, layer, batch_size):
+    """starts [(first position, index)] of patches in blocks >= layer, sorted -> [(layer, first
+    position, [indices])]: forwards of at most batch_size rows."""
+    out = []
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        out.append((layer, chunk[0][0], [index for _, index in chunk]))
+    return out
+
+
+def plan_forwards(model, starts, n_positions, batch_size):
+    """starts [(layer, first position, index)] of the patches to run -> [(layer, first position,
+    [indices])]: the forwards that run them, each from its patches' lowest layer and first
+    position. Which consecutive layers share a forward: the cheapest split by forward_flops,
+    found by dynamic programming over the layers."""
+    token_flops = 2 * sum(p.numel() for p in model.blocks[0].parameters())  # matmuls, per block
+    layers = sorted({layer for layer, _, _ in starts})
+    by_position = sorted(starts, key=lambda s: (s[1], s[2]))
+    best = [(0.0, [])]  # best[j]: (cost, forwards) of the patches in layers[:j]
+    for j in range(1, len(layers) + 1):
+        options = []
+        for i in range(j):
+            low, high = layers[i], layers[j - 1]
+            mine = [(p, index) for layer, p, index in by_position if low <= layer <= high]
+            forwards = chunked(mine, low, batch_size)
+            n_blocks = model.cfg.n_layers - low
+            cost = sum(forward_flops(n_blocks, len(rows), n_positions - p, token_flops)
+                       for _, p, rows in forwards)
+            options.append((best[i][0] + cost, best[i][1] + forwards))
+        best.append(min(options, key=lambda option: option[0]))
+    return best[-1][1]
+
+
+def prefix_cache(kv, n_positions, n_rows):
+    """The target run's keys and values of its first n_positions, for n_rows patched runs that
+    continue it: [LayerCache], or None from position 0."""
+    if n_positions == 0:
+        return None
+    cache = []
+    for k, v in kv:  # (1, KV, T, dh)
+        layer = LayerCache()
+        layer.append(k[:, :, :n_positions].expand(n_rows, -1, -1, -1),
+                     v[:, :, :n_positions].expand(n_rows, -1, -1, -1))
+        cache.append(layer)
+    return cache
+
+
+@torch.no_grad()
+def run_forward(model, target, source, patches, layer, start, metric):
+    """Patches in blocks >= layer that change nothing before position `start` -> (N,) metrics
+    from one forward of blocks layer.. over positions start.., after the target's keys and
+    values. The metric sees the whole (N, T, vocab) logits: the target's before `start`."""
+    n = len(patches)
+    hooks = [(name, writer(mask[:, start:], source[name][:, start:]))
+             for name, mask in patch_masks(patches, source).items()]
+    if layer == 0:  # block 0's input is the token embeddings
+        x = target.tokens[:, start:].expand(n, -1)  # (N, T - start)
+    else:
+        x = target.acts[f"blocks.{layer}.hook_resid_pre"][:, start:].expand(n, -1, -1)
+    with model.hooks(hooks):
+        logits = model(x, prefix_cache(target.kv, start, n), start_at_layer=layer)
+    before = target.logits[:, :start].expand(n, -1, -1)  # (N, start, vocab)
+    return metric(torch.cat([before, logits], dim=1)).float().cpu()
+
+
+@torch.no_grad()
+def patched_metrics(model, tokens, source, patches, metric, batch_size=None, desc="patching",
+                    run=None):
     """tokens (T,): the run patched into; source {hook name: (1, T, ...)}: the activations written;
-    -> (len(patches),) the metric of every patched run."""
+    run: the Trace of the tokens' run, where the caller has it -> (len(patches),) the metric of
+    every patched run."""
     tokens = as_tokens(model, tokens)
     batch_size = batch_size or default_batch_size(model, len(tokens))
-    starts = range(0, len(patches), batch_size)
-    out = []
-    for start in tqdm(starts, desc=desc, disable=None, leave=False, dynamic_ncols=True):
-        chunk = patches[start : start + batch_size]
-        hooks = [(name, writer(mask, source[name]))
-                 for name, mask in patch_masks(chunk, source).items()]
-        logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1), hooks)  # (N, T, vocab)
-        out.append(metric(logits).float().cpu())
-    return torch.cat(out)
+    whole_runs, whole_sequences = reads_inputs(model), hooked(model)
+    run = run if run is not None else trace(model, tokens[None], list(source))
+    changed = changed_positions(source, run)
+    starts = [(block_of(patch.hook), first_change(patch, changed), i)
+              for i, patch in enumerate(patches)]
+    out = metric(run.logits).float().cpu().expand(len(patches)).clone()  # no-ops: the target's
+    starts = [start for start in starts if start[1] is not None]
+    if whole_runs:  # from the token ids, every block and position
+        starts = [(0, 0, i) for _, _, i in starts]
+    elif whole_sequences:  # from the patch's block (hooks below it ran in the target's run)
+        starts = [(layer, 0, i) for layer, _, i in starts]
+    forwards = plan_forwards(model, starts, len(tokens), batch_size)
+    for layer, start, rows in tqdm(forwards, desc=desc, disable=None, leave=False,
+                                   dynamic_ncols=True):
+        out[rows] = run_forward(model, run, source, [patches[i] for i in rows], layer, start,
+                                metric)
+    return out
 
 
 @torch.no_grad()
@@ -470,15 +637,17 @@ def cache_site(model, tokens, site):
     return acts
 
 
-def patch_into(model, tokens, source, metric, site="resid_pre", spans=None, batch_size=None):
+def patch_into(model, tokens, source, metric, site="resid_pre", spans=None, batch_size=None,
+               run=None):
     """Patch the source run's activations (cache_site) into the run of `tokens`, one site at a
     time -> the raw metric of every patched run, (n_layers, n_spans), or (n_layers, n_heads) for
     site 'head'. spans: lists of positions patched together (default: each position alone, or all
-    positions for heads)."""
+    positions for heads). run: the Trace of the tokens' run, where the caller has one."""
     spans = check_spans(spans, len(tokens), site)
     grid = patch_grid(model, site, spans)
     flat = [patch for row in grid for patch in row]
-    values = patched_metrics(model, tokens, source, flat, metric, batch_size, f"patching {site}")
+    values = patched_metrics(model, tokens, source, flat, metric, batch_size, f"patching {site}",
+                             run)
     return values.view(len(grid), -1)
 
 
@@ -505,8 +674,11 @@ def activation_patching(model, clean, corrupt, metric, site="resid_pre", spans=N
     the corrupted run, 'noise' corrupted ones into the clean run."""
     clean, corrupt = check_pair(clean, corrupt)
     target, source_tokens = target_and_source(clean, corrupt, direction)
-    source = cache_site(model, source_tokens, site)
-    return patch_into(model, target, source, metric, site, spans, batch_size)
+    names = site_names(model, site)
+    # both runs in one forward: the source's activations, the target's trace
+    both = trace(model, as_tokens(model, torch.stack([target, source_tokens])), names)
+    source = {name: both.acts[name][1:] for name in names}
+    return patch_into(model, target, source, metric, site, spans, batch_size, both.row(0))
 
 
 @torch.no_grad()

@@ -34,8 +34,11 @@ Rows (--rows takes names or prefixes: forward, train, train_lora, generate, ...)
                                the LoRA and both steering rows: what a user would otherwise pick)
   generate_{cache,nocache}     greedy generation, model.generate vs HF generate
   eval                         a multiple-choice set, tasks.evaluate vs the obvious HF loop
-  patching_toy_{short,long}    analyze's batched activation patching vs one forward per patch,
-                               on the persona world's prompt lengths (4 and 26 tokens)
+  patching_toy_{short,long,first}
+                               analyze's activation patching (batched, each patched run from its
+                               layer and position) vs one forward per patch, every (layer,
+                               position) site: the persona world's prompt lengths (4 and 26
+                               tokens), one token corrupted mid-prompt; first: at position 0
   attribution_vs_exact         attribution patching vs exact (batched) activation patching
 
 Read top to bottom: settings -> FLOP counting -> timing -> memory -> models and inputs -> the
@@ -115,9 +118,12 @@ QUICK = Settings(batch=2, seq=64, prompt=56, answer=8, repeats=3, gen_new=12, ev
                  eval_lengths=(100, 100), long_pair=False, matmul_repeats=5,
                  memory_rows="forward_fp32,train_lora_fp32")
 
+# patching on the toy model: {row: (tokens, the corrupted position)}: the persona world's
+# in-distribution and in-context prompt lengths, one token corrupted mid-prompt (as a name in
+# IOI); "first" corrupts the first token, analyze's worst case: every patch changes its run, and
+# every patched run starts at position 0
+TOY_PAIRS = {"short": (4, 2), "long": (26, 13), "first": (26, 0)}
 # LoRA of the training rows: rank 8 on q_proj, v_proj, down_proj of every layer
-# patching on the toy model: the persona world's in-distribution and in-context prompt lengths
-TOY_PROMPTS = {"short": 4, "long": 26}
 LORA_TARGETS = ("q_proj", "v_proj", "down_proj")
 LORA_RANK = 8
 LR = {"lora": 1e-3, "steer": 1e-1, "full": 3e-4}  # train.py's defaults on real models
@@ -753,11 +759,12 @@ def check_eval(ctx, ours, theirs):
 # --- activation patching
 
 
-def toy_pair(model, n_tokens):
-    """A clean / corrupted prompt pair of random toy tokens and the metric logit(1) - logit(2)."""
+def toy_pair(model, n_tokens, corrupted):
+    """A clean / corrupted prompt pair of random toy tokens, one token apart (at `corrupted`), and
+    the metric logit(1) - logit(2)."""
     clean = random_tokens(model.cfg.vocab_size, (n_tokens,), seed=SEED + 2)
     corrupt = clean.clone()
-    corrupt[len(clean) // 2] = (corrupt[len(clean) // 2] + 1) % model.cfg.vocab_size
+    corrupt[corrupted] = (corrupt[corrupted] + 1) % model.cfg.vocab_size
     device = next(model.parameters()).device
     return clean.to(device), corrupt.to(device), analyze.logit_diff(1, 2)
 
@@ -788,26 +795,26 @@ def patch_one_at_a_time(model, clean, corrupt, metric):
     return out
 
 
-def ours_toy_patching(ctx, n_tokens):
+def ours_toy_patching(ctx, n_tokens, corrupted):
     model = ctx.model("toy")
-    clean, corrupt, metric = toy_pair(model, n_tokens)
+    clean, corrupt, metric = toy_pair(model, n_tokens, corrupted)
     return Side(lambda: analyze.activation_patching(model, clean, corrupt, metric).cpu())
 
 
-def loop_toy_patching(ctx, n_tokens):
+def loop_toy_patching(ctx, n_tokens, corrupted):
     model = ctx.model("toy")
-    return Side(partial(patch_one_at_a_time, model, *toy_pair(model, n_tokens)))
+    return Side(partial(patch_one_at_a_time, model, *toy_pair(model, n_tokens, corrupted)))
 
 
 def patches_per_s(grid, timing):
     return grid.numel() / statistics.median(timing.times)
 
 
-def check_toy_patching(ctx, ours, theirs):
+def check_toy_patching(ctx, ours, theirs, corrupted):
     n_tokens = ours.last.shape[1]  # (n_layers, T)
     diff = (ours.last - theirs.last).abs().max().item()
     rates = {"ours": patches_per_s(ours.last, ours), "theirs": patches_per_s(theirs.last, theirs)}
-    note = (f"{ours.last.numel()} patches, {n_tokens} tokens; "
+    note = (f"{ours.last.numel()} patches, {n_tokens} tokens, corrupted at {corrupted}; "
             f"{rates['ours']:.0f} / {rates['theirs']:.0f} patches/s; max diff {diff:.1g}")
     return note, {"patches_per_s": rates, "max_diff": diff, "patches": ours.last.numel()}
 
@@ -887,10 +894,11 @@ ROWS = [
         "HF generate, no cache", check=check_generation),
     Row("eval", ours_eval, theirs_eval, "tasks.evaluate", "HF loop, one sequence per forward",
         check=check_eval, eval_repeats=True),
-    *[Row(f"patching_toy_{length}", partial(ours_toy_patching, n_tokens=n),
-          partial(loop_toy_patching, n_tokens=n), "analyze.activation_patching (batched)",
-          "one forward per patch", uses=("toy", "toy"), check=check_toy_patching)
-      for length, n in TOY_PROMPTS.items()],
+    *[Row(f"patching_toy_{name}", partial(ours_toy_patching, n_tokens=n, corrupted=c),
+          partial(loop_toy_patching, n_tokens=n, corrupted=c),
+          "analyze.activation_patching (batched)", "one forward per patch", uses=("toy", "toy"),
+          check=partial(check_toy_patching, corrupted=c))
+      for name, (n, c) in TOY_PAIRS.items()],
     Row("attribution_vs_exact", ours_attribution, exact_patching, "analyze.attribution_patching",
         "analyze.activation_patching (exact)", uses=("ours", "ours"), check=check_attribution),
 ]

@@ -109,7 +109,7 @@ def test_corrupted_last_layer_resid_at_every_position_gives_the_corrupted_metric
                                                       metric_of(tiny, CORRUPT)), rtol=0, atol=1e-5)
 
 
-def single_patch_forward(model, tokens, source, patch):
+def single_patch_forward(model, tokens, source, patch, metric=METRIC):
     """The definition: one forward, one hook, the source written by index assignment."""
 
     def write(x, hook):
@@ -120,7 +120,7 @@ def single_patch_forward(model, tokens, source, patch):
         return x
 
     with torch.no_grad():
-        return METRIC(model.run_with_hooks(tokens[None], [(patch.hook, write)])).item()
+        return metric(model.run_with_hooks(tokens[None], [(patch.hook, write)])).item()
 
 
 SPANS = {"each position": None, "one span": [[2, 4, 5]], "two spans": [[1, 2, 5], [0, 6]]}
@@ -144,6 +144,229 @@ def test_batched_patching_equals_a_loop_of_single_patches(tiny, site, spans, dir
     assert batched.shape == (tiny.cfg.n_layers, n_columns)
     torch.testing.assert_close(batched, loop, rtol=0, atol=1e-5)
     assert (batched - metric_of(tiny, target)).abs().max() > 1e-3  # the patches do something
+
+
+# Patched runs start at the patch's layer and first changed position (start_at_layer, the target's
+# KV cache) and patches that change nothing are not run: the same loop as the reference, on pairs
+# one token apart (where most patches start late or change nothing), with adapters active
+
+
+def one_token_apart(position):
+    corrupt = CLEAN.clone()
+    corrupt[position] = (corrupt[position] + 1) % VOCAB
+    return corrupt
+
+
+def loop_grid(model, target, source_tokens, site, spans, metric=METRIC):
+    """The reference: one forward per patch, the source cached by an independent run."""
+    source = analyze.cache_site(model, source_tokens, site)
+    grid = analyze.patch_grid(model, site, analyze.check_spans(spans, T, site))
+    return torch.tensor([[single_patch_forward(model, target, source, p, metric) for p in row]
+                         for row in grid])
+
+
+@pytest.fixture
+def one_layer_each(monkeypatch):
+    """No fixed cost per block call: every layer's patches get forwards of their own (on tiny
+    models the planner would otherwise run them all from block 0)."""
+    monkeypatch.setattr(analyze, "BLOCK_CALL_FLOPS", 0)
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """[(layer, start, n_rows)] of every patched forward analyze runs."""
+    seen = []
+    run_forward = analyze.run_forward
+
+    def recorded(model, target, source, patches, layer, start, metric):
+        seen.append((layer, start, len(patches)))
+        return run_forward(model, target, source, patches, layer, start, metric)
+
+    monkeypatch.setattr(analyze, "run_forward", recorded)
+    return seen
+
+
+LATE_SPANS = {"each position": None, "spans": [[0], [T - 1], [1, 5], [2, 3, 6]]}
+HEAD_SPANS = {"each position": None, "spans": [[3, 6]]}
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "head"])
+@pytest.mark.parametrize("spans", list(LATE_SPANS))
+@pytest.mark.parametrize("corrupted", [0, 3, T - 1])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("split", [False, True])
+def test_patched_runs_from_their_layer_and_position_equal_the_loop(tiny, site, spans, corrupted,
+                                                                  direction, split, forwards,
+                                                                  request):
+    if split:
+        request.getfixturevalue("one_layer_each")
+    spans = (HEAD_SPANS if site == "head" else LATE_SPANS)[spans]
+    corrupt = one_token_apart(corrupted)
+    target, source_tokens = (corrupt, CLEAN) if direction == "denoise" else (CLEAN, corrupt)
+    batched = analyze.activation_patching(tiny, CLEAN, corrupt, METRIC, site, spans, direction,
+                                          batch_size=4)
+    loop = loop_grid(tiny, target, source_tokens, site, spans)
+    torch.testing.assert_close(batched, loop, rtol=0, atol=1e-5)
+    assert (batched - metric_of(tiny, target)).abs().max() > 1e-3  # the patches do something
+    # nothing before the corrupted token changes: no patched run starts before it
+    assert forwards and all(start >= corrupted for _, start, _ in forwards)
+    if site == "resid_pre" and spans is None:  # block 0's input differs at that token only
+        assert sum(n for _, _, n in forwards) == 1 + (tiny.cfg.n_layers - 1) * (T - corrupted)
+        torch.testing.assert_close(batched[:, :corrupted],
+                                   torch.full((tiny.cfg.n_layers, corrupted),
+                                              metric_of(tiny, target)), rtol=0, atol=1e-5)
+
+
+def wide_model(n_layers=3):
+    """A model whose blocks cost far more arithmetic than a block call's fixed cost, per token."""
+    cfg = ModelConfig(arch="llama", vocab_size=VOCAB, d_model=128, n_layers=n_layers, n_heads=4,
+                      n_kv_heads=2, d_head=32, d_mlp=512, hf_model_type="llama")
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("n_positions, n_forwards", [(2, 1), (16, 3)])
+def test_layers_share_a_forward_only_where_fixed_costs_dominate(n_positions, n_forwards):
+    model = wide_model()
+    starts = [(layer, p, n_positions * layer + p) for layer in range(3)
+              for p in range(n_positions)]
+    forwards = analyze.plan_forwards(model, starts, n_positions, batch_size=64)
+    assert len(forwards) == n_forwards
+    assert sorted({layer for layer, _, _ in forwards}) == list(range(0, 3, 3 // n_forwards))
+
+
+def test_a_short_prompt_shares_one_forward_among_layers(tiny, forwards):
+    analyze.activation_patching(tiny, CLEAN[:3], CORRUPT[:3], METRIC)
+    assert forwards == [(0, 0, tiny.cfg.n_layers * 3)]
+
+
+def tiny_gemma(seed=14):
+    """Gemma 3's attention: sliding-window layers (3 keys) around a global one, two RoPE bases."""
+    cfg = ModelConfig(arch="gemma3", vocab_size=VOCAB, d_model=16, n_layers=3, n_heads=4,
+                      n_kv_heads=2, d_head=4, d_mlp=32, qkv_bias=False, o_bias=False,
+                      mlp_bias=False, sliding_window=3, final_logit_softcap=30.0,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      hf_model_type="gemma3_text")
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "head"])
+@pytest.mark.parametrize("corrupted", [0, 4])
+def test_patching_a_sliding_window_model_equals_the_loop(site, corrupted, one_layer_each,
+                                                         forwards):
+    model, corrupt = tiny_gemma(), one_token_apart(corrupted)
+    batched = analyze.activation_patching(model, CLEAN, corrupt, METRIC, site)
+    torch.testing.assert_close(batched, loop_grid(model, corrupt, CLEAN, site, None),
+                               rtol=0, atol=1e-5)
+    assert (batched - metric_of(model, corrupt)).abs().max() > 1e-3
+    assert all(start == corrupted for _, start, _ in forwards)
+
+
+def test_a_metric_before_the_patches_reads_the_target_runs_logits(tiny, one_layer_each, forwards):
+    metric = analyze.logit_diff(right=3, wrong=5, position=2)
+    corrupt = one_token_apart(4)
+    batched = analyze.activation_patching(tiny, CLEAN, corrupt, metric)
+    torch.testing.assert_close(batched, loop_grid(tiny, corrupt, CLEAN, "resid_pre", None, metric),
+                               rtol=0, atol=1e-5)
+    assert all(start == 4 for _, start, _ in forwards)
+
+
+def random_lora(model, seed=12):
+    lora.attach_lora(model, targets=("down_proj", "o_proj"), layers=[0, 2], r=2, alpha=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora.lora_modules(model).values():
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_patching_with_a_lora_equals_the_loop(arch, one_layer_each, forwards):
+    model = random_lora(tiny_model(arch, seed=10))
+    corrupt = one_token_apart(2)
+    for site in ("head", "mlp_out", "resid_pre"):
+        batched = analyze.activation_patching(model, CLEAN, corrupt, METRIC, site)
+        torch.testing.assert_close(batched, loop_grid(model, corrupt, CLEAN, site, None),
+                                   rtol=0, atol=1e-5)
+    assert any(start > 0 for _, start, _ in forwards)  # the LoRA needs no whole runs
+    with lora.lora_disabled(model):
+        base = analyze.activation_patching(model, CLEAN, corrupt, METRIC)
+    assert (base - batched).abs().max() > 1e-3  # the LoRA acts in the patched runs
+
+
+def codename_vector(model, layer, positions):
+    """A steering vector at `layer` (hook_mlp_out) in a position mode; the codename: the last
+    token (where the last layer's vector can still reach the metric)."""
+    codenames = {"c": [CLEAN[-1].item()]} if positions == "codename" else None
+    vector = steer.SteeringVector(model.cfg.d_model, [layer], positions=positions,
+                                  codenames=codenames)
+    g = torch.Generator().manual_seed(layer)
+    with torch.no_grad():
+        for param in vector.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 3.0)
+    return vector
+
+
+@pytest.mark.parametrize("positions", ["all", "from:3", "last", "codename"])
+@pytest.mark.parametrize("layer", [0, 2])  # before and after most patches
+def test_patching_with_a_steering_vector_equals_the_loop(tiny, positions, layer, one_layer_each):
+    vector = codename_vector(tiny, layer, positions)
+    corrupt = one_token_apart(4)
+    with vector.apply(tiny):
+        batched = analyze.activation_patching(tiny, CLEAN, corrupt, METRIC, "resid_pre",
+                                              batch_size=8)
+        loop = loop_grid(tiny, corrupt, CLEAN, "resid_pre", None)
+        torch.testing.assert_close(batched, loop, rtol=0, atol=1e-5)
+    unsteered = analyze.activation_patching(tiny, CLEAN, corrupt, METRIC, "resid_pre")
+    assert (unsteered - batched).abs().max() > 1e-3  # the vector acts in the patched runs
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_patching_under_a_callers_hook_equals_the_loop(tiny, layer, one_layer_each, forwards):
+    """A hook without a forward pre-hook (a steering vector added by hand): patched runs start at
+    their layer, but over whole sequences (the hook may assume them)."""
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(13)) * 3.0
+    steering = [(f"blocks.{layer}.hook_mlp_out", lambda x, hook: x + v)]
+    corrupt = one_token_apart(4)
+    with tiny.hooks(steering):
+        batched = analyze.activation_patching(tiny, CLEAN, corrupt, METRIC, "attn_out")
+        loop = loop_grid(tiny, corrupt, CLEAN, "attn_out", None)
+    torch.testing.assert_close(batched, loop, rtol=0, atol=1e-5)
+    assert forwards and all(start == 0 for _, start, _ in forwards)
+    assert {layer for layer, _, _ in forwards} == set(range(tiny.cfg.n_layers))
+    unsteered = analyze.activation_patching(tiny, CLEAN, corrupt, METRIC, "attn_out")
+    assert (unsteered - batched).abs().max() > 1e-3
+
+
+def test_first_change_by_hand():
+    hook = "blocks.1.attn.hook_z"
+    target = torch.zeros(1, T, 4, 2)  # (1, T, n_heads, d_head)
+    source = target.clone()
+    source[0, 4, 1, 0] = 1.0  # position 4, head 1
+    run = analyze.Trace(None, None, {hook: target}, [])
+    changed = analyze.changed_positions({hook: source}, run)
+    assert analyze.first_change(analyze.Patch(hook, (1, 4, 6)), changed) == 4
+    assert analyze.first_change(analyze.Patch(hook, (6, 1, 4)), changed) == 4
+    assert analyze.first_change(analyze.Patch(hook, (1, 2, 5)), changed) is None
+    assert analyze.first_change(analyze.Patch(hook, (1, 4), head=1), changed) == 4
+    assert analyze.first_change(analyze.Patch(hook, (1, 4), head=0), changed) is None
+
+
+def test_plan_forwards_runs_every_patch_once_in_batches_from_their_lowest_layer(tiny):
+    starts = [(layer, p, 7 * layer + p) for layer in range(3) for p in range(7) if p >= layer]
+    forwards = analyze.plan_forwards(tiny, starts, T, batch_size=4)
+    indices = sorted(i for _, _, rows in forwards for i in rows)
+    assert indices == sorted(i for _, _, i in starts)
+    by_index = {i: (layer, p) for layer, p, i in starts}
+    for layer, start, rows in forwards:
+        assert len(rows) <= 4
+        assert all(by_index[i][0] >= layer and by_index[i][1] >= start for i in rows)
+        assert start in [by_index[i][1] for i in rows] and layer in [by_index[i][0] for i in rows]
+
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 Tests of bench.py without timing assertions: the FLOP formulas against hand computations on a
 tiny config, the interleaving schedule (fake callables and a fake clock), that rows leave both
-models as they found them, the JSON of a tiny end-to-end run, and one-line flag errors.
+models as they found them, that the patching rows' two sides agree, the JSON of a tiny end-to-end
+run, and one-line flag errors.
 """
 
 import json
@@ -162,6 +163,16 @@ def test_training_rows_leave_both_models_clean(tmp_path, one_thread):
         if row.dtype == "float32":  # every adapter starts as a no-op: the base model's loss
             assert record["extra"]["first_loss"]["diff"] < 1e-4
         assert 0 < record["flops"]["ours"] and 0 < record["flops"]["theirs"]
+
+
+def test_patching_rows_agree_with_their_loop_on_the_toy_model(one_thread):
+    ctx = bench.Context(bench.QUICK, "cpu", hf_dir=None)
+    for row in bench.select_rows("patching_toy"):
+        n_tokens, corrupted = bench.TOY_PAIRS[row.name.removeprefix("patching_toy_")]
+        record = bench.run_row(ctx, row, repeats=1)
+        assert record["extra"]["patches"] == 4 * n_tokens  # every (layer, position) of 4 layers
+        assert record["extra"]["max_diff"] < 1e-5
+        assert f"corrupted at {corrupted}" in record["notes"]
 
 
 # -----------------------------------------------------------------------------
