@@ -1006,7 +1006,8 @@ def frozen_attention(model, vector, eval_sets, coeff=1.0, batch_size=64):
 # never showed (README), which a mean hides.
 
 SHOWN_PER_GROUP = 16  # tokens of each group in the |cos| heatmap
-LORA_OUTPUTS = {"mlp.down_proj": "hook_mlp_out"}  # LoRA'd module -> the hook of its output
+# LoRA'd module -> the hook of its output (on Gemma before the post-feedforward norm)
+LORA_OUTPUTS = {"mlp.down_proj": "mlp.hook_out"}
 PLAIN_SENTENCES = [  # unrelated text for text tasks
     "The library opens at nine in the morning and closes at six.",
     "Rain is expected over the weekend, with clearer skies by Monday.",

@@ -174,7 +174,7 @@ def block_linears(cfg):
     linears = {"q_proj": ("qkv", d, H * dh), "k_proj": ("qkv", d, KV * dh),
                "v_proj": ("qkv", d, KV * dh), "o_proj": ("o_proj", H * dh, d),
                "up_proj": ("mlp_in", d, m), "down_proj": ("down_proj", m, d)}
-    if cfg.arch == "llama":  # SwiGLU: a second input matrix
+    if cfg.arch != "gpt2":  # SwiGLU / GeGLU: a second input matrix
         linears["gate_proj"] = ("mlp_in", d, m)
     return linears
 

@@ -791,7 +791,7 @@ def test_lora_vs_steering_scores_the_runs_as_they_scored_themselves(runs, tmp_pa
         assert accuracy["base"][key] == scores["lora1"]["base"][key]
         assert accuracy["lora"][key] == scores["lora1"]["final"][key]
         assert accuracy["trained"][key] == scores["steer"]["final"][key]
-    assert record["hook"] == "blocks.2.hook_mlp_out"
+    assert record["hook"] == "blocks.2.mlp.hook_out"  # down_proj's output
     assert -1 <= record["cos_natural_trained"] <= 1
     groups = record["groups"]
     assert groups["unrelated"]["n_tokens"] == 3 * 32  # three pretraining documents
