@@ -345,12 +345,18 @@ class SteeringVector(nn.Module):
             return add
 
         steering = [(self.hook_name(layer), adder(layer)) for layer in self.layers]
-        pre_hook = model.register_forward_pre_hook(read_tokens, with_kwargs=True)
+        # only the modes that read token ids hook the model's input: a forward that starts from a
+        # residual stream (start_at_layer, as analyze's patching does) has none to give them
+        reads_tokens = type(placement).read_tokens is not Placement.read_tokens
+        pre_hook = None
+        if reads_tokens:
+            pre_hook = model.register_forward_pre_hook(read_tokens, with_kwargs=True)
         try:
             with model.hooks(placement.capture_hooks() + steering):
                 yield self
         finally:
-            pre_hook.remove()
+            if pre_hook is not None:
+                pre_hook.remove()
 
     # --- files ---
 
