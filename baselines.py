@@ -53,9 +53,13 @@ def answer_residuals(model, examples, pad_id, batch_size=64):
     residuals, answers = [], []
     for start in range(0, len(examples), batch_size):
         tokens, targets = tasks.collate(examples[start : start + batch_size], pad_id)  # (B, T)
-        _, cache = model.run_with_cache(tokens.to(device), names_filter=[name])
         is_answer = (targets != tasks.IGNORE).to(device)  # (B, T)
-        residuals.append(cache[name].float()[is_answer])  # (n, d_model)
+
+        def keep(x, hook):
+            residuals.append(x.float()[is_answer])  # (n, d_model)
+
+        with model.hooks([(name, keep)]):
+            model(tokens.to(device), at=is_answer)  # logits only there: 262k wide on Gemma
         answers.append(targets.to(device)[is_answer])  # (n,)
     return torch.cat(residuals), torch.cat(answers)
 
