@@ -220,3 +220,47 @@ def test_chat_format_shape(ours):
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
     with pytest.raises(ValueError, match="alternates"):
         ours.format_chat([{"role": "assistant", "content": "first"}])
+
+
+# -----------------------------------------------------------------------------
+# Vocabularies that cannot be tokenized exactly: one-line errors
+
+
+def tiny_vocabulary(pieces):
+    """Special tokens, the 256 byte tokens, the characters a, b, ▁ and `pieces` {piece: score}."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3, 3, 3, 2] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for piece, score in {"a": -100.0, "b": -101.0, SPACE: -102.0, **pieces}.items():
+        tokens.append(piece)
+        types.append(1)
+        scores.append(score)
+    return tokens, scores, types
+
+
+def test_tiny_vocabulary_tokenizes_as_sentencepiece():
+    # merges by score: "ab" (-1) before "▁a" (-2), so " ab" is "▁" + "ab"; "ba" has no piece
+    tokens, scores, types = tiny_vocabulary({"ab": -1.0, SPACE + "a": -2.0})
+    tok = sentencepiece_tokenizer(tokens, scores, types, bos_id=2, eos_ids=[1])
+    ids = tok.encode(" ab ba")
+    assert [tokens[i] for i in ids] == [SPACE, "ab", SPACE, "b", "a"]
+    assert tok.encode("é") == [4 + 0xC3, 4 + 0xA9]  # no piece: its UTF-8 bytes
+    assert tok.decode(ids) == " ab ba"
+
+
+@pytest.mark.parametrize("pieces, options, message", [
+    ({"ab": -1.0, "ba": -1.0}, {}, "pieces 'ab' and 'ba' tie in score"),
+    ({"ab": -1.0}, {"add_space_prefix": True}, "dummy prefix space is not supported"),
+])
+def test_vocabulary_that_cannot_be_made_exact_is_refused(pieces, options, message):
+    tokens, scores, types = tiny_vocabulary(pieces)
+    with pytest.raises(ValueError, match=message) as error:
+        sentencepiece_tokenizer(tokens, scores, types, source="tiny.gguf", **options)
+    assert "\n" not in str(error.value) and "tiny.gguf" in str(error.value)
+
+
+def test_missing_byte_tokens_are_refused():
+    tokens, scores, types = tiny_vocabulary({})
+    del tokens[4], scores[4], types[4]  # <0x00>
+    with pytest.raises(ValueError, match="byte fallback needs the 256 tokens"):
+        sentencepiece_tokenizer(tokens, scores, types, source="tiny.gguf")
