@@ -492,6 +492,15 @@ def gguf_state_to_ours(cfg, reader, model_shapes, source):
 
 
 def tokenizer_from_gguf(reader, source):
+    tokenizer = read_gguf_tokenizer(reader, source)
+    if "tokenizer.chat_template" not in reader.fields:
+        # a pretrained (base) model's file has no chat template even when its vocabulary has turn
+        # markers (Gemma 3 270M: "<end_of_turn>" gets log-prob -34 there): prompt it as plain text
+        tokenizer.chat_format = None
+    return tokenizer
+
+
+def read_gguf_tokenizer(reader, source):
     model = gguf_field(reader, "tokenizer.ggml.model")
     if model == "llama":  # SentencePiece BPE (Gemma 3)
         return sentencepiece_tokenizer_from_gguf(reader, source)

@@ -6,6 +6,7 @@ transformers also reads. The tokenizer has its own file (test_tokenizer_gemma.py
 """
 
 import json
+import math
 import os
 
 import gguf
@@ -16,8 +17,9 @@ from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
 
 from checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model
+import train
 from model import generate
-from steer import SteeringVector
+from steer import SteeringVector, load_control_vector, save_control_vector
 
 VOCAB, T, WINDOW = 101, 40, 8  # T > WINDOW: the local layers' window cuts every later row
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -335,6 +337,14 @@ def test_real_checkpoint_logits_match_hf_from_the_same_gguf(gemma3, gemma3_path)
     assert max_diff(got, expected) < 1e-4
 
 
+def test_base_model_without_chat_template_is_prompted_as_plain_text(gemma3, gemma3_path):
+    # the pretrained 270M has turn markers in its vocabulary but no chat template in its file
+    # (nor was it trained on them: "<end_of_turn>" after an answer gets log-prob -34)
+    _, tokenizer = gemma3
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(gemma3_path).fields
+    assert "<start_of_turn>" in tokenizer.special_tokens and tokenizer.chat_format is None
+
+
 def test_real_checkpoint_predicts_english(gemma3):
     model, tokenizer = gemma3
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
@@ -352,3 +362,21 @@ def test_real_checkpoint_greedy_generation_same_with_and_without_kv_cache(gemma3
     with_cache = generate(model, prompt, 12, use_cache=True)
     assert torch.equal(with_cache, generate(model, prompt, 12, use_cache=False))
     assert tokenizer.decode(with_cache[0, prompt.shape[1]:].tolist()).startswith(" France")
+
+
+def test_train_py_runs_a_text_task_end_to_end_on_gemma3(tmp_path):
+    # the frozen base stored in bf16 (--base-dtype), the vector trained under autocast; the trained
+    # vector then exports as a llama.cpp control vector that reads back the same
+    cfg = train.TrainConfig(model="gemma3-270m", task="functions", steps=1, batch_size=4,
+                            task_options={"n_train": 16, "n_eval": 4}, random_draws=0,
+                            dtype="bfloat16", base_dtype="bfloat16", layers=[6], threads=1,
+                            out=str(tmp_path / "run"))
+    metrics = train.run(cfg)
+    assert metrics["model"] == "gemma3-270m" and metrics["steps"] == 1
+    assert set(metrics["eval"]["final"]) == set(metrics["eval"]["base"]) >= {"in_distribution", "oocr"}
+    assert all(math.isfinite(loss) for _, loss in metrics["history"]["loss"])
+    vector = SteeringVector.load(str(tmp_path / "run" / "steering_vector.safetensors"))
+    assert vector.layers == [6] and vector.d_model == 640 and vector.directions["6"].norm() > 0
+    save_control_vector(vector, str(tmp_path / "v.gguf"))
+    loaded = load_control_vector(str(tmp_path / "v.gguf"))
+    assert loaded.layers == [6] and torch.equal(loaded.directions["6"], vector.directions["6"])
