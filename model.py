@@ -1,6 +1,6 @@
 """
-One hand-written Transformer for the GPT-2, Llama (Llama 3, SmolLM2, Qwen2) and Gemma 3 families, with
-TransformerLens-style hook points, a KV cache and generation. Only torch and the standard library:
+One hand-written Transformer for the GPT-2, Llama (Llama 3, SmolLM2, Qwen2) and Gemma 3 families,
+with TransformerLens-style hook points, a KV cache and generation. Only torch and the standard library:
 checkpoint files live in checkpoint.py, tokenizers in tokenizer.py, and LoRA and steering vectors
 (lora.py, steer.py) attach from outside through modules and hook points; nothing here knows them.
 
@@ -29,8 +29,8 @@ GEMMA3_FIELDS = ("layer_types", "sliding_window", "rope_local_theta", "query_pre
 
 @dataclass
 class ModelConfig:
-    # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU) or "gemma3" (llama
-    # plus q/k norms, norms after attention and MLP, GeGLU, sliding-window layers)
+    # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU) or "gemma3"
+    # (llama plus q/k norms, norms after attention and MLP, GeGLU, sliding-window layers)
     arch: str = "gpt2"
     vocab_size: int = 64
     d_model: int = 64
@@ -54,7 +54,7 @@ class ModelConfig:
     rope_local_theta: float = 10000.0
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power, not d_head's
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    hf_model_type: str = ""  # which HF module names this model maps to: gpt2, llama, qwen2, gemma3_text
+    hf_model_type: str = ""  # the HF module names it maps to: gpt2, llama, qwen2, gemma3_text
     name: str = ""  # where it came from (path or name), for run records
 
     def __post_init__(self):
@@ -176,7 +176,8 @@ def make_norm(cfg, d=None):
 
 
 def rope_frequencies(cfg):
-    """{buffer name: RoPE inverse frequencies (d_head / 2,)}: Gemma 3's local layers have their own."""
+    """{buffer name: RoPE inverse frequencies (d_head / 2,)}; Gemma 3's local layers have their
+    own."""
     if cfg.arch == "gpt2":
         return {}
     freqs = {"inv_freq": rope_inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling)}
@@ -196,7 +197,8 @@ def rope_inv_freq(d_head, theta, scaling=None):
     if kind == "linear":  # positions divided by `factor` (Gemma 3's global layers from 4B up)
         return inv_freq / scaling["factor"]
     if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+        supported = "default, linear, llama3"
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {supported})")
     # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between
     # interpolated
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -235,7 +237,7 @@ class Attention(nn.Module):
         # None: SDPA's default 1/sqrt(d_head), kept as is so that Llama's logits stay bit-identical
         self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
-        self.hook_q = HookPoint()  # (B, T, n_heads, d_head), before q_norm and RoPE, as in TransformerLens
+        self.hook_q = HookPoint()  # (B, T, n_heads, d_head), before q_norm and RoPE (as TL)
         self.hook_k = HookPoint()  # (B, T, n_kv_heads, d_head), before k_norm and RoPE
         self.hook_v = HookPoint()  # (B, T, n_kv_heads, d_head)
         if cfg.arch != "gpt2":
@@ -277,7 +279,8 @@ class Attention(nn.Module):
             # them needs the explicit softmax (same numbers up to float rounding, more memory)
             z = self.explicit_attention(q, k, v, visible)
         elif T == Tk and not windowed:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=gqa)
         else:  # after a KV cache the mask is not square; a sliding window cuts it further
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale,
                                                enable_gqa=gqa)
@@ -466,7 +469,7 @@ class Transformer(nn.Module):
         """tokens (B, T) -> the residual stream entering block 0, (B, T, d_model)."""
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, d_model)
-        if self.cfg.arch == "gemma3":  # scaled by sqrt(d_model), rounded to the model's dtype as HF does
+        if self.cfg.arch == "gemma3":  # times sqrt(d_model), rounded to the model's dtype as HF
             x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
         x = self.hook_embed(x)
         if self.cfg.arch == "gpt2":

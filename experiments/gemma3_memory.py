@@ -25,7 +25,8 @@ GIB = 2**30
 GEMMA3_12B = ModelConfig(arch="gemma3", vocab_size=262208, d_model=3840, n_layers=48, n_heads=16,
                          n_kv_heads=8, d_head=256, d_mlp=15360, n_ctx=131072, norm_eps=1e-6,
                          qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=1024,
-                         query_pre_attn_scalar=256, rope_scaling={"rope_type": "linear", "factor": 8.0})
+                         query_pre_attn_scalar=256,
+                         rope_scaling={"rope_type": "linear", "factor": 8.0})
 
 
 def parameter_count(cfg):
@@ -34,7 +35,7 @@ def parameter_count(cfg):
 
 
 def saved_bytes_per_token(cfg, n_tokens, layer=0):
-    """Bytes autograd keeps for the backward of one block, per token (bf16, input requiring grad)."""
+    """Bytes autograd keeps for one block's backward, per token (bf16, input requiring grad)."""
     block = Block(cfg, layer).to(torch.bfloat16).requires_grad_(False)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen = {}
@@ -57,14 +58,16 @@ def saved_bytes_per_token(cfg, n_tokens, layer=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=512, help="sequence length of the measured block")
+    parser.add_argument("--tokens", type=int, default=512,
+                        help="sequence length of the measured block")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = GEMMA3_12B
     n_params = parameter_count(cfg)
     weights = 2 * n_params  # bf16
     per_token = cfg.n_layers * saved_bytes_per_token(cfg, args.tokens)
-    print(f"gemma-3-12b text model: {n_params / 1e9:.2f}B parameters, bf16 weights {weights / GIB:.1f} GiB")
+    print(f"gemma-3-12b text model: {n_params / 1e9:.2f}B parameters, "
+          f"bf16 weights {weights / GIB:.1f} GiB")
     print(f"saved activations: {per_token / 2**20:.1f} MiB per token over {cfg.n_layers} blocks "
           f"(measured on one block at T={args.tokens})")
     full_state = weights + weights + 2 * 4 * n_params  # + bf16 gradients + fp32 AdamW moments

@@ -26,13 +26,12 @@ LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
 def tiny_config(**overrides):
+    rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}
     settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                    layer_types=LAYER_TYPES, sliding_window=WINDOW, query_pre_attn_scalar=24,
-                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                        "rope_theta": 1000.0},
-                                     "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
-                    final_logit_softcapping=30.0)
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=64, layer_types=LAYER_TYPES, sliding_window=WINDOW,
+                    query_pre_attn_scalar=24, rope_parameters=rope, final_logit_softcapping=30.0)
     return Gemma3TextConfig(**{**settings, **overrides})
 
 
@@ -48,7 +47,8 @@ def randomize(module, seed=0):
 
 def tiny_hf_gemma(**overrides):
     # eager attention: the only HF implementation that returns attention patterns
-    return randomize(Gemma3ForCausalLM._from_config(tiny_config(**overrides), attn_implementation="eager"))
+    config = tiny_config(**overrides)
+    return randomize(Gemma3ForCausalLM._from_config(config, attn_implementation="eager"))
 
 
 def random_tokens(n_rows=2, seed=0, length=T):
@@ -181,7 +181,8 @@ def test_bf16_logits_close_to_hf_bf16(tmp_path):
 def test_sharded_checkpoint_loads_to_same_logits(tmp_path):
     hf = tiny_hf_gemma()
     hf.save_pretrained(tmp_path, max_shard_size="30KB")
-    shards = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = index["weight_map"].values()
     assert len(set(shards)) > 1
     ours, _ = load_model(str(tmp_path))
     tokens = random_tokens()
@@ -197,8 +198,8 @@ def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
     # (Gemma3ForConditionalGeneration never soft-caps its logits; no released Gemma 3 sets a cap)
     text = tiny_config(final_logit_softcapping=None).to_dict()
     config = Gemma3Config(text_config=text, vision_config=vision.to_dict(),
-                          mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
-                          eoi_token_index=VOCAB - 2)
+                          mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                          boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
     hf = randomize(Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager"))
     hf.save_pretrained(tmp_path)
     ours, _ = load_model(str(tmp_path))
@@ -300,8 +301,8 @@ def test_error_gemma3_gguf_missing_tensor(tmp_path):
     for block in range(2):
         shapes.update({f"blk.{block}.{name}": shape for name, shape in per_block.items()})
     del shapes["blk.1.attn_k_norm"]
-    write_gguf(tmp_path / "m.gguf", "gemma3", {f"{n}.weight": torch.ones(s) for n, s in shapes.items()},
-               **hyper)
+    tensors = {f"{name}.weight": torch.ones(shape) for name, shape in shapes.items()}
+    write_gguf(tmp_path / "m.gguf", "gemma3", tensors, **hyper)
     assert_checkpoint_error(tmp_path / "m.gguf", "missing tensor for blocks.1.attn.k_norm.weight")
 
 
@@ -330,7 +331,8 @@ def test_real_checkpoint_logits_match_hf_from_the_same_gguf(gemma3, gemma3_path)
     model, tokenizer = gemma3
     directory, name = os.path.split(gemma3_path)
     hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    tokens = torch.randint(3, tokenizer.vocab_size, (1, 530), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, tokenizer.vocab_size, (1, 530), generator=g)
     tokens[0, 0] = tokenizer.bos_id
     with torch.no_grad():
         expected, got = hf(tokens).logits, model(tokens)
@@ -347,8 +349,9 @@ def test_base_model_without_chat_template_is_prompted_as_plain_text(gemma3, gemm
 
 def test_real_checkpoint_predicts_english(gemma3):
     model, tokenizer = gemma3
-    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+            "France. It is named after the engineer Gustave Eiffel, whose company designed and "
+            "built the tower.")
     tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)])
     with torch.no_grad():
         logits = model(tokens)
@@ -373,7 +376,8 @@ def test_train_py_runs_a_text_task_end_to_end_on_gemma3(tmp_path):
                             out=str(tmp_path / "run"))
     metrics = train.run(cfg)
     assert metrics["model"] == "gemma3-270m" and metrics["steps"] == 1
-    assert set(metrics["eval"]["final"]) == set(metrics["eval"]["base"]) >= {"in_distribution", "oocr"}
+    evaluated = set(metrics["eval"]["final"])
+    assert evaluated == set(metrics["eval"]["base"]) >= {"in_distribution", "oocr"}
     assert all(math.isfinite(loss) for _, loss in metrics["history"]["loss"])
     vector = SteeringVector.load(str(tmp_path / "run" / "steering_vector.safetensors"))
     assert vector.layers == [6] and vector.d_model == 640 and vector.directions["6"].norm() > 0
