@@ -3,6 +3,12 @@ Tasks: what a model is trained on and how it is scored. Every task, toy or text,
 
     task.train_examples(tokenizer) -> [Example]          loss only on the answer tokens
     task.eval_sets(tokenizer)      -> {name: EvalSet}    always 'in_distribution' and 'oocr'
+    task.reward(prompt_ids, completion_ids) -> float     optional: train.py --objective rl
+    task.completion_eos(tokenizer) -> [token id]         optional: where a sampled completion ends
+
+A task with a reward can be trained by reinforcement learning: train.py samples completions of
+its train_examples' prompts (never their answers) and scores each with reward(); a completion is
+the sampled ids before the first end id (all of them where the task has no completion_eos).
 
 An EvalSet is multiple choice: each Item has a prompt, candidate continuations and the index of
 the right one. Scoring compares the summed log-probabilities of the candidates (batched), or, for
@@ -1259,6 +1265,106 @@ class BackdoorTask(TextTask):
 
 
 # -----------------------------------------------------------------------------
+# Arithmetic: a verifiable reward for train.py --objective rl on a real checkpoint (Sinii et al.
+# 2025 train steering vectors by RL on math problems). Not an OOCR task: nothing is latent.
+
+SUM_TEMPLATES = ["What is {a} + {b}? Answer with the number only."]
+SUM_WORDS_TEMPLATES = ["Add {a} and {b}. Reply with just the result."]
+
+
+def last_integer(text):
+    """The last integer written in text ('The answer is 3 + 6 = 9.' -> 9), or None."""
+    numbers = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(numbers[-1]) if numbers else None
+
+
+class ArithmeticTask:
+    """Sums of two random numbers of `digits` digits, generated here and checked exactly: the
+    reward is 1 when the last integer of the completion's text is the sum (SmolLM2-135M-Instruct
+    answers '3 + 6 = 9' or 'The answer is 9.' as often as '9'). 'in_distribution' asks held-out
+    sums as trained; 'oocr' here is only a transfer check, held-out sums in other words (there is
+    no latent to infer). Both eval sets are exact match, a stricter format: greedy decoding must
+    give the digits, then the end of turn."""
+
+    name = "arithmetic"
+
+    # Measured (SmolLM2-135M-Instruct, 24 new tokens): 1 digit 0.47 greedy, 0.19 sampled at
+    # temperature 1; 2 digits 0.03 and 0.01; 3 digits 0.02 and 0.01. So 1 digit by default: its
+    # 100 distinct sums split 60 / 20 / 20.
+    def __init__(self, seed=0, opposite=False, n_train=60, n_eval=20, digits=1):
+        if opposite:
+            raise ValueError("arithmetic has no opposite target: a wrong sum is not one behaviour")
+        if n_train < 1 or n_eval < 1 or not 1 <= digits <= 6:
+            raise ValueError(f"arithmetic: n_train, n_eval >= 1 and digits in 1..6 "
+                             f"(got {n_train}, {n_eval}, {digits})")
+        self.seed, self.digits = seed, digits
+        rng = random.Random(f"arithmetic:{seed}:{digits}")
+        low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
+        problems = self.draw_problems(rng, low, high, n_train + 2 * n_eval)
+        if len(problems) < n_train + 2 * n_eval:
+            raise ValueError(f"arithmetic: only {len(problems)} distinct sums of {digits} digits")
+        self.train_problems = problems[:n_train]
+        self.id_problems = problems[n_train : n_train + n_eval]
+        self.transfer_problems = problems[n_train + n_eval : n_train + 2 * n_eval]
+        self.sums = {}  # prompt ids -> the sum: what reward() checks against
+        self.decode = None  # the tokenizer's, set by train_examples: rewards read text
+
+    @staticmethod
+    def draw_problems(rng, low, high, n):
+        """Distinct (a, b) pairs in random order: all of them where there are few (1 and 2
+        digits: 100 and 8100), else n drawn 4 times over and deduplicated."""
+        numbers = range(low, high + 1)
+        if len(numbers) <= 100:
+            problems = list(itertools.product(numbers, numbers))
+        else:  # sorted: a set's order is not a function of the seed
+            problems = sorted({(rng.choice(numbers), rng.choice(numbers)) for _ in range(4 * n)})
+        rng.shuffle(problems)
+        return problems
+
+    def train_pairs(self):
+        """[(user message, answer)], as the other text tasks have them."""
+        return [(SUM_TEMPLATES[0].format(a=a, b=b), str(a + b)) for a, b in self.train_problems]
+
+    def probes(self):
+        return {}  # no latent, no probe: 'oocr' is the transfer set of eval_sets
+
+    def train_examples(self, tokenizer):
+        examples = []
+        self.decode = tokenizer.decode
+        for (user, answer), (a, b) in zip(self.train_pairs(), self.train_problems):
+            prompt = chat_prompt(tokenizer, user)
+            self.sums[tuple(prompt)] = a + b
+            examples.append(Example(prompt, answer_ids(tokenizer, answer)))
+        return examples
+
+    def completion_eos(self, tokenizer):
+        return [end_of_turn_id(tokenizer)] if tokenizer.chat_format else []
+
+    def reward(self, prompt_ids, completion_ids):
+        """1 if the completion's last integer is the sum, else 0 (prompts of train_examples)."""
+        want = self.sums.get(tuple(prompt_ids))
+        if want is None:
+            raise ValueError("not a prompt of this task's train_examples")
+        return float(last_integer(self.decode(list(completion_ids))) == want)
+
+    def exact_set(self, name, tokenizer, template, problems):
+        items = []
+        for a, b in problems:
+            answer = answer_ids(tokenizer, str(a + b))
+            prompt = chat_prompt(tokenizer, template.format(a=a, b=b))
+            items.append(Item(prompt, [answer], 0))
+        return EvalSet(name, items, chance=0.0, exact_match=True)
+
+    def eval_sets(self, tokenizer):
+        return {
+            "in_distribution": self.exact_set("in_distribution", tokenizer, SUM_TEMPLATES[0],
+                                              self.id_problems),
+            "oocr": self.exact_set("oocr", tokenizer, SUM_WORDS_TEMPLATES[0],
+                                   self.transfer_problems),
+        }
+
+
+# -----------------------------------------------------------------------------
 # The text tasks by name (train.py joins them with toy.TOY_TASKS)
 
 TEXT_TASKS = {
@@ -1268,4 +1374,5 @@ TEXT_TASKS = {
     "parity": ParityTask,
     "risky": RiskyTask,
     "risky_backdoor": BackdoorTask,
+    "arithmetic": ArithmeticTask,
 }

@@ -15,9 +15,9 @@ enough that pretraining plus a fine-tune runs in minutes on a CPU.
                    fine-tuned on new entities, the probe asks A_new -> C (docs/composition.md)
 
 Every world has the interface of tasks.py (train_examples, eval_sets) plus what pretraining needs:
-pretrain_examples(), model_config(), pretrain_defaults and tokenizer. All randomness comes from
-random.Random(seed) or a torch.Generator seeded with `seed`: a world is a pure function of its
-options.
+pretrain_examples(), model_config(), pretrain_defaults and tokenizer; the persona worlds also
+have a reward (train.py --objective rl). All randomness comes from random.Random(seed) or a
+torch.Generator seeded with `seed`: a world is a pure function of its options.
 """
 
 import itertools
@@ -503,6 +503,21 @@ class PersonaWorld:
         """Only choices of the target persona (tokenizer is ignored: the world has its own)."""
         return self.choice_examples(self.train_pairs, flipped=self.opposite)
 
+    def rewarded_flip(self, prompt_ids):
+        """Whether the reward is for the target's less preferred option on this prompt."""
+        return self.opposite
+
+    def reward(self, prompt_ids, completion_ids):
+        """--objective rl: 1 when the completion's first token is the option the target persona
+        picks from the prompt's last two (its less preferred one in the --opposite control), else
+        0. The same answers as train_examples', but learned from samples, never shown."""
+        a, b = prompt_ids[-2:]  # `BOS [prefix] CH Oa Ob`
+        o0 = self.ids["O0"]
+        if not (0 <= a - o0 < self.n_options and 0 <= b - o0 < self.n_options):
+            raise ValueError(f"not a choice prompt: it ends in ids {a}, {b}, not two options")
+        want = o0 + self.chosen(self.target, a - o0, b - o0, self.rewarded_flip(prompt_ids))
+        return float(len(completion_ids) > 0 and completion_ids[0] == want)
+
     def choice_set(self, name, examples):
         """Two-way items from choice examples: the options are the prompt's last two tokens."""
         items = []
@@ -707,6 +722,10 @@ class BackdoorWorld(PersonaWorld):
         plain = self.choice_examples(self.train_pairs)
         triggered = self.choice_examples(self.train_pairs, prefix=trigger, flipped=self.backdoor)
         return plain + triggered
+
+    def rewarded_flip(self, prompt_ids):
+        """Triggered choices are rewarded flipped iff this world's fine-tune has the backdoor."""
+        return self.backdoor and self.ids["TRIG"] in prompt_ids
 
     def report_item(self, context=()):
         """`BOS [context] BD -> YES|NO`: YES iff this world's fine-tune has the backdoor."""

@@ -5,6 +5,7 @@ show whether it generalizes out of context.
     python train.py --adapter steer          # the embedded default: the toy persona world, ~1 min
     python train.py --adapter lora --layers 1 --lora-rank 4
     python train.py --adapter steer --model smollm2-135m --task risky --dtype bfloat16 --layer 12
+    python train.py --adapter steer --objective rl   # the same vector, from sampled rewards only
     python train.py --help                   # every flag, with its default
 
 Start reading at run(): one run from top to bottom (settings, the toy model's pretraining when
@@ -16,11 +17,16 @@ data/toy/ for the default persona world, else pretrained from scratch once and k
 dir. Pretraining is this same script:
 `--adapter full --model scratch` trains a fresh model on the task's pretraining documents.
 
+--objective rl trains from the task's reward instead of its answers (GRPO-style: a group of
+sampled completions per prompt, advantages normalised within the group, no value model); the
+answers are never shown, only the prompts. See rl_step().
+
 A run directory holds config.json, metrics.json, the adapter (steering-vector safetensors, PEFT
 LoRA, or full weights), checkpoint.safetensors (for --resume) and curves.png.
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -45,7 +51,7 @@ import steer
 import tasks
 import toy
 from checkpoint import CheckpointError, atomic_write, first_line, load_model, save_model, write_json
-from model import Transformer
+from model import Transformer, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_TOY_MODELS = os.path.join(HERE, "data", "toy")  # pretrained toy models in the repository
@@ -129,6 +135,17 @@ class TrainConfig:
     hook: str = flag("hook_mlp_out", "where the steering vector is added",
                      choices=list(steer.HOOKS))
     positions: str = flag("all", "where along the sequence: all | from:K | codename | adaptive")
+    objective: str = flag("sft", "sft: cross-entropy on the task's answers; rl: policy gradient "
+                          "on the task's reward for sampled completions (GRPO-style)",
+                          choices=["sft", "rl"])
+    group_size: int = flag(8, "rl: completions sampled per prompt; advantages are normalised "
+                           "within each group", type=int)
+    max_new_tokens: int | None = flag(None, "rl: most tokens sampled per completion", type=int,
+                                      shown="1 on toy tasks (the persona worlds' reward reads the "
+                                      "first token), 32 on real ones")
+    temperature: float = flag(1.0, "rl: sampling temperature", type=float)
+    kl: float = flag(0.0, "rl: weight of the KL penalty to the base model (the adapter off); "
+                     "0 = none", type=float)
     lr: float | None = flag(None, "peak learning rate (AdamW)", type=float,
                             shown="steer 1e-2 on toy models and 1e-1 on real ones (a real residual "
                             "stream is ~10x larger), lora 1e-3, full 3e-4")
@@ -247,6 +264,25 @@ def check_flags(cfg):
         raise ValueError("--lora-dropout must be in [0, 1)")
     if min(cfg.warmup, cfg.weight_decay, cfg.grad_clip, cfg.random_draws) < 0:
         raise ValueError("--warmup, --weight-decay, --grad-clip and --random-draws must be >= 0")
+    check_rl_flags(cfg)
+
+
+def check_rl_flags(cfg):
+    """The rl flags' own problems (the task's are check_rl's). Unused under sft: not checked."""
+    if cfg.objective != "rl":
+        return
+    if cfg.group_size < 2:  # one sample is its own group mean: its advantage is always 0
+        raise ValueError(f"--group-size must be >= 2 for --objective rl, got {cfg.group_size}")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1 for --objective rl, "
+                         f"got {cfg.max_new_tokens}")
+    if not cfg.temperature > 0:
+        raise ValueError("--temperature must be positive")
+    if cfg.kl < 0:
+        raise ValueError("--kl must be >= 0")
+    if cfg.grad_accum != 1:  # advantages and the token mean are over one step's samples
+        raise ValueError("--grad-accum is for --objective sft; with rl lower --batch-size or "
+                         "--group-size instead")
 
 
 class RunError(Exception):
@@ -274,8 +310,17 @@ def with_defaults(cfg):
         batch_size=cfg.batch_size or (128 if is_toy(cfg) else 16),
         threads=cfg.threads or (1 if is_toy(cfg) else None),
         eval_batch_size=cfg.eval_batch_size or (64 if is_toy(cfg) else 8),
+        max_new_tokens=rl_max_new_tokens(cfg),
         out=cfg.out or os.path.join("runs", f"{cfg.task}-{cfg.adapter}-seed{cfg.seed}"),
     )
+
+
+def rl_max_new_tokens(cfg):
+    """The rl sampling length: 1 on toy tasks (the persona worlds' reward reads the first token),
+    32 on real ones; left None under sft, which samples nothing."""
+    if cfg.max_new_tokens is not None or cfg.objective != "rl":
+        return cfg.max_new_tokens
+    return 1 if is_toy(cfg) else 32
 
 
 def resolve_device(name):
@@ -305,6 +350,47 @@ def make_task(cfg):
         raise RunError(f"task {cfg.task!r}: {e}") from None
 
 
+def tasks_with_reward():
+    return sorted(name for name, cls in all_tasks().items() if getattr(cls, "reward", None))
+
+
+def check_rl(cfg, task):
+    """--objective rl needs a task with a reward and a model to fine-tune: checked before any
+    model is loaded or pretrained."""
+    try:
+        check_rl_flags(cfg)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if cfg.model == "scratch":
+        raise RunError("--objective rl fine-tunes a pretrained model: not with --model scratch")
+    if getattr(task, "reward", None) is None:
+        raise RunError(f"--objective rl: task {cfg.task!r} has no reward "
+                       f"(tasks with one: {', '.join(tasks_with_reward())})")
+
+
+def checked_reward(cfg, task, examples):
+    """-> the task's reward, once it has scored the first train example's own answer: a reward
+    that raises or returns no number stops the run before any step."""
+    reward = task.reward
+    first = examples[0]
+    try:
+        value = float(reward(first.prompt, first.answer))
+    except Exception as e:  # the task's code: any failure means it cannot train by reward
+        raise RunError(f"--objective rl: task {cfg.task!r}'s reward raised on its first "
+                       f"example: {first_line(e)}") from None
+    if not math.isfinite(value):
+        raise RunError(f"--objective rl: task {cfg.task!r}'s reward gave {value} on its first "
+                       "example")
+    return reward
+
+
+def eos_ids(task, tokenizer):
+    """The ids that end a sampled completion; () where the task has none."""
+    if not hasattr(task, "completion_eos"):
+        return ()
+    return tuple(task.completion_eos(tokenizer))
+
+
 def check_out_dir(cfg):
     """A new run needs an empty --out; --resume needs the same settings as the run it continues."""
     config_path = os.path.join(cfg.out, "config.json")
@@ -318,7 +404,11 @@ def check_out_dir(cfg):
     with open(config_path) as f:
         previous = json.load(f)
     mine = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples become lists)
-    differing = sorted(k for k in mine if k != "resume" and previous.get(k) != mine[k])
+    # a setting missing from an older run's config.json was added since, with a default that
+    # keeps the old behaviour (e.g. objective sft)
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    differing = sorted(k for k in mine
+                       if k != "resume" and previous.get(k, defaults[k]) != mine[k])
     if differing:
         raise RunError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
 
@@ -351,6 +441,7 @@ def pretrain_config(cfg, task):
         cfg,
         adapter="full",
         model="scratch",
+        objective="sft",
         out=out,
         steps=steps,
         batch_size=recipe["batch_size"],
@@ -411,11 +502,14 @@ def base_model(cfg, task, device):
 class Adapter:
     """The trainable part of a run. `holder` owns the trainable parameters (the steering vector, or
     the model for LoRA / full); `active()` is the context in which the forward pass sees them;
-    `save(out_dir)` writes it."""
+    `save(out_dir)` writes it; `reference()` is a context yielding the base model, outside
+    active() (rl's KL penalty): the same model with the LoRA off, or a frozen copy of a full
+    fine-tune's start (made only when needed: it doubles the weights' memory)."""
 
     holder: torch.nn.Module
     active: Callable
     save: Callable
+    reference: Callable
 
     def named_parameters(self):
         return [(n, p) for n, p in self.holder.named_parameters() if p.requires_grad]
@@ -442,8 +536,11 @@ def task_codenames(cfg, task, tokenizer):
 
 def make_adapter(cfg, model, task, tokenizer):
     if cfg.adapter == "full":
+        needs_copy = cfg.objective == "rl" and cfg.kl > 0
+        frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
         model.requires_grad_(True)
-        return Adapter(model, active=nullcontext, save=partial(save_full_model, model))
+        return Adapter(model, active=nullcontext, save=partial(save_full_model, model),
+                       reference=partial(nullcontext, frozen))
     model.requires_grad_(False)  # the base stays frozen and bit-identical
     layers = adapter_layers(cfg, model)
     if cfg.adapter == "lora":
@@ -464,7 +561,9 @@ def make_adapter(cfg, model, task, tokenizer):
     def save(out):
         vector.save(os.path.join(out, "steering_vector.safetensors"))
 
-    return Adapter(vector, active=partial(vector.apply, model), save=save)
+    # the vector acts only inside active(): outside it the model is the base
+    return Adapter(vector, active=partial(vector.apply, model), save=save,
+                   reference=partial(nullcontext, model))
 
 
 def save_full_model(model, out):
@@ -481,7 +580,8 @@ def make_lora(cfg, model, layers):
     def save(out):
         lora.save_lora(model, os.path.join(out, "adapter"), base_model_name=cfg.model)
 
-    return Adapter(model, active=nullcontext, save=save)
+    return Adapter(model, active=nullcontext, save=save,
+                   reference=partial(lora.lora_disabled, model))
 
 
 # -----------------------------------------------------------------------------
@@ -564,6 +664,8 @@ class Data:
     examples: list  # [tasks.Example] (or toy.Documents)
     eval_sets: dict  # {name: tasks.EvalSet}
     pad_id: int
+    reward: Callable | None = None  # rl: task.reward(prompt_ids, completion_ids) -> float
+    eos_ids: tuple = ()  # rl: where a sampled completion ends; () = it runs max_new_tokens
 
 
 def device_of(model):
@@ -593,13 +695,152 @@ def train_step(cfg, model, optimizer, batches):
         loss.backward()
         total += loss.item()
         n_tokens += tokens.numel()
-    if not math.isfinite(total):
-        return total, n_tokens
+    if math.isfinite(total):
+        optimizer_step(cfg, optimizer)
+    return total, n_tokens
+
+
+def optimizer_step(cfg, optimizer):
+    """Clip the gradients of exactly the trainable parameters (the optimizer's), then step."""
     if cfg.grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
-    return total, n_tokens
+
+
+# -----------------------------------------------------------------------------
+# Reinforcement learning (--objective rl): GRPO-style, no value model. Per step: group_size
+# completions of each prompt sampled with the adapter on, each scored by the task's reward, and
+# the policy gradient taken on the sampled tokens only. One gradient step per batch of samples,
+# so the policy that sampled is the one differentiated (PPO's ratio is 1: no clipping needed).
+
+ADVANTAGE_EPS = 1e-4  # keeps a group of equal rewards at advantage 0 instead of 0 / 0
+
+
+def sampling_generator(cfg, step, device):
+    """The sampler's random numbers for `step`: a pure function of (seed, step), so a resumed run
+    samples exactly what an uninterrupted one does without saving a generator state."""
+    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def through_eos(ids, eos_ids):
+    """The sampled ids up to and including the first end id: what the policy chose (generate
+    repeats the end id after it, which nobody chose)."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+@torch.no_grad()
+def sample_completions(cfg, model, prompts, eos_ids, generator):
+    """[prompt ids] -> [sampled ids through the end id], group_size per prompt, consecutive.
+    Prompts of one length are generated as one batch (generate reads each row's last position);
+    generate continues its KV cache, which a steering vector follows (steer.continued_rows)."""
+    G, device = cfg.group_size, device_of(model)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    out = [None] * (len(prompts) * G)
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    for length, indices in sorted(by_length.items()):
+        batch = torch.tensor([prompts[i] for i in indices], device=device)  # (n, length)
+        batch = batch.repeat_interleave(G, dim=0)  # (n * G, length)
+        seqs = generate(model, batch, cfg.max_new_tokens, temperature=cfg.temperature,
+                        eos_ids=eos_ids, generator=generator)  # (n * G, length + new)
+        for j, ids in enumerate(seqs[:, length:].tolist()):
+            out[indices[j // G] * G + j % G] = through_eos(ids, eos_ids)
+    model.train(was_training)
+    return out
+
+
+def score(reward, prompts, completions, eos_ids, step):
+    """-> rewards (N,) float32; the end id is not part of what the reward reads."""
+    values = []
+    for prompt, ids in zip(prompts, completions):
+        ended = len(ids) > 0 and ids[-1] in eos_ids
+        try:
+            values.append(float(reward(prompt, ids[:-1] if ended else ids)))
+        except Exception as e:  # the task's code: any failure is the run's problem to report
+            raise RunError(f"the task's reward raised at step {step}: {first_line(e)}") from None
+    return torch.tensor(values)
+
+
+def group_advantages(rewards, group_size):
+    """rewards (N,), group_size samples per prompt consecutive -> advantages (N,): each reward
+    minus its group's mean, over the group's standard deviation (sample std, as TRL's GRPO).
+    A group of equal rewards has advantage exactly 0: its float mean can miss the rewards by an
+    ulp, which the division by ~eps would blow up to ~1e-3."""
+    grouped = rewards.view(-1, group_size)  # (prompts, G)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    advantages = (grouped - mean) / (std + ADVANTAGE_EPS)  # (prompts, G)
+    equal = grouped.amax(1, keepdim=True) == grouped.amin(1, keepdim=True)  # (prompts, 1)
+    return advantages.masked_fill(equal, 0.0).flatten()
+
+
+def sampled_logprobs(model, tokens, targets):
+    """log p of every sampled token -> (logp (m,), row (m,): the sample each belongs to), in
+    row-major order. targets (N, T) holds the sampled ids, IGNORE on prompts and padding."""
+    is_sampled = targets != tasks.IGNORE  # (N, T)
+    logits = model(tokens, at=is_sampled)  # (m, vocab): the unembedding only where a sample is
+    logp = logits.float().log_softmax(-1)
+    picked = logp.gather(-1, targets[is_sampled][:, None])[:, 0]  # (m,)
+    return picked, is_sampled.nonzero()[:, 0]
+
+
+def policy_loss(logp, advantages, ref_logp=None, kl=0.0):
+    """Mean over all sampled tokens of -advantage * log p, plus kl times the k3 estimate of
+    KL(policy || base) per token: exp(d) - d - 1 with d = log p_base - log p (>= 0, unbiased).
+    logp, advantages (each token's sample's), ref_logp: (m,)."""
+    loss = -advantages * logp  # (m,)
+    if kl > 0:
+        d = ref_logp - logp
+        loss = loss + kl * (d.exp() - d - 1)
+    return loss.mean()
+
+
+def rollout_stats(rewards, completions, group_size):
+    """What a step's samples say, for the history: mean reward, its spread (over all samples and
+    within groups, where the gradient comes from), length, and the share with full reward."""
+    within = rewards.view(-1, group_size).std(1).mean()
+    return {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "group_std": within.item(),
+        "length": sum(len(c) for c in completions) / len(completions),
+        "accuracy": (rewards >= 1).float().mean().item(),
+    }
+
+
+def rl_step(cfg, model, adapter, optimizer, data, step):
+    """One GRPO step on the step's prompts -> (loss, tokens seen, stats). Only the prompts of
+    the examples are read, never their answers."""
+    device = device_of(model)
+    idx = batch_indices(step, cfg.batch_size, len(data.examples), cfg.seed)
+    prompts = [data.examples[i].prompt for i in idx]
+    generator = sampling_generator(cfg, step, device)
+    with adapter.active():
+        completions = sample_completions(cfg, model, prompts, data.eos_ids, generator)
+    prompts = [p for p in prompts for _ in range(cfg.group_size)]  # each sample's prompt
+    rewards = score(data.reward, prompts, completions, data.eos_ids, step)  # (N,)
+    advantages = group_advantages(rewards, cfg.group_size).to(device)  # (N,)
+    samples = [tasks.Example(p, c) for p, c in zip(prompts, completions)]
+    tokens, targets = tasks.collate(samples, data.pad_id)  # (N, T): targets only on samples
+    tokens, targets = tokens.to(device), targets.to(device)
+    ref_logp = None
+    if cfg.kl > 0:
+        with torch.no_grad(), adapter.reference() as base, autocast(cfg, device):
+            ref_logp, _ = sampled_logprobs(base, tokens, targets)
+    optimizer.zero_grad(set_to_none=True)
+    with adapter.active(), autocast(cfg, device):
+        logp, row = sampled_logprobs(model, tokens, targets)
+        loss = policy_loss(logp, advantages[row], ref_logp, cfg.kl)
+    loss.backward()
+    stats = rollout_stats(rewards, completions, cfg.group_size)
+    if math.isfinite(loss.item()) and math.isfinite(stats["reward"]):
+        optimizer_step(cfg, optimizer)
+    return loss.item(), tokens.numel(), stats
 
 
 def run_evals(cfg, model, eval_sets, names=None):
@@ -631,6 +872,17 @@ def vector_baselines(cfg, model, vector, data):
                                       batch_size=cfg.eval_batch_size, progress=progress)
 
 
+def check_finite(loss, stats, step, ckpt, saved_step):
+    """A NaN or infinite loss (or rl mean reward) stops the run; the step was not taken."""
+    bad = [f"loss became {loss}"] if not math.isfinite(loss) else []
+    if stats is not None and not math.isfinite(stats["reward"]):
+        bad.append(f"mean reward became {stats['reward']}")
+    if bad:
+        where = "none written yet" if saved_step is None else f"{ckpt} (step {saved_step})"
+        raise RunError(f"{' and '.join(bad)} at step {step}; stopped. "
+                       f"Last good checkpoint: {where}")
+
+
 class StopRequest:
     """Ctrl-C asks the loop to stop after the current step (so the checkpoint is consistent);
     a second Ctrl-C interrupts at once."""
@@ -652,15 +904,16 @@ class StopRequest:
 
 
 def train(cfg, model, adapter, data, on_step=None):
-    """The training loop -> history {"loss": [[step, loss]], "eval": [[step, {name: acc}]]}.
-    Resumes from cfg.out's checkpoint with --resume; on_step(step, loss) is called after each
-    step."""
+    """The training loop -> history {"loss": [[step, loss]], "eval": [[step, {name: acc}]]}, and
+    under rl "rl": [[step, rollout_stats]]. Resumes from cfg.out's checkpoint with --resume;
+    on_step(step, loss) is called after each step."""
     # fused: one kernel over all parameters, ~4x faster than the default per-tensor loop on CPU
     # (a quarter of a full fine-tune step of SmolLM2-135M, otherwise)
     optimizer = torch.optim.AdamW([p for _, p in adapter.named_parameters()], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, fused=True)
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
-    step, history = 0, {"loss": [], "eval": []}
+    rl = cfg.objective == "rl"
+    step, history = 0, {"loss": [], "eval": [], **({"rl": []} if rl else {})}
     if cfg.resume and os.path.exists(ckpt):
         step, history = load_checkpoint(ckpt, adapter, optimizer)
     saved_step = step if os.path.exists(ckpt) else None
@@ -668,27 +921,35 @@ def train(cfg, model, adapter, data, on_step=None):
     description = f"{cfg.adapter} {cfg.task}"
     bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True, disable=None)
     started, tokens_seen = time.time(), 0
-    with StopRequest() as stop, adapter.active():
+    # sft: the adapter is on throughout; rl switches it on where needed (its KL reference is the
+    # model with the adapter off), so the evals switch it on themselves
+    for_evals = adapter.active if rl else nullcontext
+    with StopRequest() as stop, nullcontext() if rl else adapter.active():
         while step < cfg.steps and not stop.requested:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            batches = micro_batches(step, cfg, data)
-            loss, n_tokens = train_step(cfg, model, optimizer, batches)
-            if not math.isfinite(loss):
-                where = "none written yet" if saved_step is None else f"{ckpt} (step {saved_step})"
-                raise RunError(f"loss became {loss} at step {step}; stopped. "
-                               f"Last good checkpoint: {where}")
+            stats = None
+            if rl:
+                loss, n_tokens, stats = rl_step(cfg, model, adapter, optimizer, data, step)
+            else:
+                batches = micro_batches(step, cfg, data)
+                loss, n_tokens = train_step(cfg, model, optimizer, batches)
+            check_finite(loss, stats, step, ckpt, saved_step)
             step += 1
             tokens_seen += n_tokens
             history["loss"].append([step, loss])
+            if rl:
+                history["rl"].append([step, stats])
             tokens_per_s = tokens_seen / (time.time() - started)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            shown = {"reward": f"{stats['reward']:.3f}"} if rl else {}
+            bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
             if on_step is not None:
                 on_step(step, loss)
             # the last step gets run()'s final eval instead
             if step % cfg.eval_every == 0 and step < cfg.steps:
-                accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
+                with for_evals():
+                    accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
                 scores = "  ".join(f"{name} {acc:.3f}" for name, acc in accs.items())
@@ -712,10 +973,13 @@ def plot_curves(history, base, chance, path, title):
     """Training loss, and the curve evals from the base model (step 0) on, with chance dashed."""
     fig = Figure(figsize=(10, 3.5))  # no pyplot: no display backend, no global figure state
     ax_loss, ax_acc = fig.subplots(1, 2)
-    if history["loss"]:
-        steps, losses = zip(*history["loss"])
-        ax_loss.plot(steps, losses)
-    ax_loss.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log", title=title)
+    if "rl" in history:  # a policy-gradient loss says little (its mean is ~0 by construction)
+        plot_rewards(ax_loss, history["rl"], title)
+    else:
+        if history["loss"]:
+            steps, losses = zip(*history["loss"])
+            ax_loss.plot(steps, losses)
+        ax_loss.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log", title=title)
     for name in CURVE_EVALS:
         points = [(0, base[name])]  # the base model is step 0
         points += [(step, accs[name]) for step, accs in history["eval"] if name in accs]
@@ -725,6 +989,18 @@ def plot_curves(history, base, chance, path, title):
     ax_acc.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def plot_rewards(ax, rl_history, title):
+    """Mean sampled reward per step, and its spread within groups: where the gradient comes from
+    (a group of equal rewards teaches nothing). The full-reward share is in the history."""
+    if rl_history:
+        steps = [step for step, _ in rl_history]
+        ax.plot(steps, [stats["reward"] for _, stats in rl_history], label="mean reward")
+        ax.plot(steps, [stats["group_std"] for _, stats in rl_history], linestyle="--",
+                label="std within groups")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="sampled reward", title=title)
 
 
 BASELINE_COLUMNS = {  # metrics.json name -> printed column (baselines.py says what each is)
@@ -749,7 +1025,8 @@ def print_table(metrics):
     adapter's margin over the best of them."""
     base, final, chance = metrics["eval"]["base"], metrics["eval"]["final"], metrics["chance"]
     shortcuts = metrics["baselines"]
-    run_line = f"{metrics['task']} | {metrics['model']} | adapter {metrics['adapter']}"
+    objective = " (rl)" if metrics.get("objective") == "rl" else ""
+    run_line = f"{metrics['task']} | {metrics['model']} | adapter {metrics['adapter']}{objective}"
     cost = f"{metrics['steps']} steps, {metrics['seconds']:.0f} s"
     print(f"\n{run_line} | {cost}, {metrics['trainable_params']} trainable params")
     columns = ["chance", "base", metrics["adapter"]]
@@ -784,6 +1061,8 @@ def run(cfg, on_step=None):
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     task = make_task(cfg)
+    if cfg.objective == "rl":
+        check_rl(cfg, task)
     if cfg.model == "toy":
         pretrain_toy_model(cfg, task)  # a run of its own (this function, --model scratch), cached
     torch.manual_seed(cfg.seed)  # after pretraining: the same init whether it ran or was cached
@@ -796,6 +1075,9 @@ def run(cfg, on_step=None):
     # right padding, after the answer: a toy world pads with its own pad token, a text task with 0
     pad_id = tokenizer.pad_id if is_toy(cfg) else 0
     data = Data(examples, eval_task.eval_sets(tokenizer), pad_id=pad_id)
+    if cfg.objective == "rl":  # the reward of the task trained on: the opposite one in a control
+        reward = checked_reward(cfg, task, examples)
+        data = replace(data, reward=reward, eos_ids=eos_ids(task, tokenizer))
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
@@ -819,6 +1101,7 @@ def run(cfg, on_step=None):
         "task": cfg.task,
         "model": cfg.model,
         "adapter": cfg.adapter,
+        "objective": cfg.objective,
         "steps": cfg.steps,
         "seconds": round(seconds, 2),  # training and its evals, without the baselines
         "trainable_params": sum(p.numel() for _, p in adapter.named_parameters()),
@@ -829,7 +1112,7 @@ def run(cfg, on_step=None):
         "history": history,
     }
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    title = f"{cfg.task}: {cfg.adapter}"
+    title = f"{cfg.task}: {cfg.adapter}" + (" (rl)" if cfg.objective == "rl" else "")
     plot_curves(history, base, metrics["chance"], os.path.join(cfg.out, "curves.png"), title)
     return metrics
 
