@@ -10,6 +10,7 @@ summary.
     python analyze.py patching --run runs/persona-steer-seed0 --eval oocr --contrast adapter
     python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
     python analyze.py read_vector --run runs/persona-steer-seed0 --coefficients=-2,-1,0,1,2
+    python analyze.py sae_features --run runs/persona-steer-seed0 --sae runs/sae-persona
     python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \\
         --token " Paris" --out runs/analysis-paris
 
@@ -21,8 +22,8 @@ text is space-separated token names ("BOS ME").
 Read top to bottom: the subject (a run directory or a checkpoint -> model, tokenizer, eval sets,
 adapter switch) -> prompts and tokens -> logit lens -> attention patterns -> activation patching
 (batched) -> attribution patching -> scoring eval items under any forward -> reading a steering
-vector -> plots and files -> the analyses from the command line -> the command line (ANALYSES,
-the table of subcommands).
+vector -> plots and files -> the analyses from the command line -> a steering vector in an SAE's
+features (sae.py) -> the command line (ANALYSES, the table of subcommands).
 """
 
 import argparse
@@ -39,6 +40,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import lora
+import sae
 import steer
 import tasks
 import train
@@ -1796,6 +1798,239 @@ def lora_vs_steering_command(subject, args):
 
 
 # -----------------------------------------------------------------------------
+# A steering vector read in an SAE's features (sae.py): which decoder rows it points along, how
+# few of them rebuild it, and which features its addition turns up or down on the eval prompts.
+
+SPARSE_FIT_SIZES = (1, 2, 4, 8, 16)  # features allowed in the vector's sparse fits
+RANDOM_FITS = 20  # random directions fitted the same way: the baseline of the sparse fits
+# their seed: not a small one, since an SAE initialised under torch.manual_seed(0) starts with
+# exactly the rows torch.randn draws from seed 0, and some keep them (cosine 0.85 after training)
+RANDOM_FIT_SEED = 918_273_645
+SHOWN_FEATURES = 12  # features in each bar chart
+
+
+def run_sae(model, path):
+    """--sae DIR -> the SAE, checked against the model (its hook exists and is as wide)."""
+    try:
+        s = sae.load_sae(path, device_of(model))
+        sae.check_hook(model, s.cfg.hook_name, s)
+    except sae.SAEError as e:
+        raise AnalysisError(first_line(e)) from None
+    return s.eval().requires_grad_(False)
+
+
+def vector_at(vector, hook_name):
+    """The vector's direction that lands in the stream `hook_name` reads (added there, or added
+    at a block's MLP output and so part of its hook_resid_post), or None."""
+    for layer, direction in layer_directions(vector).items():
+        if hook_name in (f"blocks.{layer}.{vector.hook}", landing_hook(vector, layer)):
+            return direction
+    return None
+
+
+def unit_rows(W):
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def decoder_cosines(s, direction):
+    """cos(direction, each decoder row) -> (d_sae,)."""
+    return unit_rows(s.W_dec.detach().float().cpu()) @ unit(direction.float().cpu())
+
+
+def sparse_fit(s, direction, n):
+    """The direction as a least-squares sum of the n decoder rows most aligned with it ->
+    {"features", "coefficients", "unexplained": |residual|^2 / |direction|^2}."""
+    v = direction.float().cpu()
+    top = decoder_cosines(s, v).abs().topk(n).indices  # (n,)
+    rows = s.W_dec.detach().float().cpu()[top]  # (n, d)
+    coefficients = torch.linalg.lstsq(rows.T, v[:, None]).solution[:, 0]  # (n,)
+    residual = v - coefficients @ rows
+    return {"features": top.tolist(), "coefficients": coefficients.tolist(),
+            "unexplained": (residual.norm() ** 2 / v.norm() ** 2).item()}
+
+
+def sparse_fits(s, direction, sizes=SPARSE_FIT_SIZES, n_random=RANDOM_FITS,
+                seed=RANDOM_FIT_SEED):
+    """Sparse fits of the vector and, as the baseline, the mean unexplained share of random
+    directions fitted the same way (with more features than dimensions, any vector fits)."""
+    sizes = [n for n in sizes if n <= s.cfg.d_sae]
+    g = torch.Generator().manual_seed(seed)
+    randoms = torch.randn(n_random, s.cfg.d_in, generator=g)
+    return {n: {**sparse_fit(s, direction, n),
+                "random_unexplained": sum(sparse_fit(s, r, n)["unexplained"]
+                                          for r in randoms) / n_random} for n in sizes}
+
+
+def last_positions(mask):
+    """mask (B, T) of real tokens, right-padded -> (B, T) True at each row's last real token."""
+    last = torch.zeros_like(mask)
+    last[torch.arange(len(mask)), mask.sum(1) - 1] = True
+    return last
+
+
+@torch.no_grad()
+def feature_activations(subject, s, prompts, adapted):
+    """The SAE's features at its hook over the prompts' tokens, with or without the run's
+    adapter -> (all tokens (N, d_sae), last prompt tokens (n_prompts, d_sae), the activations
+    (N, d_in))."""
+    rows, last_rows, xs = [], [], []
+    with subject.state(adapted):
+        for tokens, mask in prompt_batches(prompts):
+            x = sae.hook_activations(subject.model, tokens.to(device_of(subject.model)),
+                                     s.cfg.hook_name).float().cpu()  # (B, T, d_in)
+            f = s.encode(x.to(s.W_enc.device)).cpu()  # (B, T, d_sae)
+            rows.append(f[mask])
+            last_rows.append(f[last_positions(mask)])
+            xs.append(x[mask])
+    return torch.cat(rows), torch.cat(last_rows), torch.cat(xs)
+
+
+def explained_variance(s, x):
+    metrics, _ = sae.reconstruction_metrics(s, [x.to(s.W_enc.device)])
+    return metrics["explained_variance"]
+
+
+def activation_change(subject, s, prompts):
+    """Per feature, its mean activation without and with the adapter, over all tokens and over
+    the last prompt tokens (where the answer is read); and how well the SAE reconstructs the
+    stream in each state (a vector that pushes the stream off the SAE's data shows here)."""
+    base_all, base_last, base_x = feature_activations(subject, s, prompts, adapted=False)
+    steer_all, steer_last, steer_x = feature_activations(subject, s, prompts, adapted=True)
+    return {
+        "all_tokens": {"base": base_all.mean(0), "steered": steer_all.mean(0)},
+        "last_token": {"base": base_last.mean(0), "steered": steer_last.mean(0)},
+        "l0": {"base": (base_all > 0).float().sum(-1).mean().item(),
+               "steered": (steer_all > 0).float().sum(-1).mean().item()},
+        "explained_variance": {"base": explained_variance(s, base_x),
+                               "steered": explained_variance(s, steer_x)},
+        "n_tokens": len(base_all),
+    }
+
+
+def stream_scale(subject, s, prompts, n_prompts=64):
+    """norm_scale of the unsteered stream at the SAE's hook, over the first prompts."""
+    x = feature_activations(subject, s, prompts[:n_prompts], adapted=False)[2]
+    return norm_scale(subject.model, x).mean().item()
+
+
+def feature_tokens(subject, s, features, resid_scale, k=3):
+    """{feature: the k tokens its decoder row boosts most through the final norm}."""
+    rows = s.W_dec.detach().float()
+    return {i: [label for label, _ in top_tokens(subject.tokenizer, vector_logits(
+        subject.model, rows[i], resid_scale)["final_norm"], k)["boosted"]] for i in features}
+
+
+def feature_rows(values, cosines, change, labels, order):
+    """One record per feature of `order`: its cosine with the vector and its activations."""
+    out = []
+    for i in order:
+        row = {"feature": i, "tokens": labels[i], "value": values[i].item()}
+        row["cos"] = None if cosines is None else cosines[i].item()
+        for where, means in change.items():
+            row[f"{where}_base"] = means["base"][i].item()
+            row[f"{where}_steered"] = means["steered"][i].item()
+        out.append(row)
+    return out
+
+
+def sae_features(subject, s, prompts, top=SHOWN_FEATURES):
+    """The steering vector of the run in the SAE's features -> record."""
+    vector = subject.vector
+    direction = vector_at(vector, s.cfg.hook_name)
+    cosines = None if direction is None else decoder_cosines(s, direction)
+    change = activation_change(subject, s, prompts)
+    means = {k: change.pop(k) for k in ("all_tokens", "last_token")}
+    delta = {k: m["steered"] - m["base"] for k, m in means.items()}  # (d_sae,) each
+    top = min(top, s.cfg.d_sae)
+    by_cos = [] if cosines is None else cosines.abs().topk(top).indices.tolist()
+    by_delta = delta["last_token"].abs().topk(top).indices.tolist()
+    by_delta_all = delta["all_tokens"].abs().topk(top).indices.tolist()
+    labels = feature_tokens(subject, s, set(by_cos + by_delta + by_delta_all),
+                            stream_scale(subject, s, prompts))
+    # the mean change of the features, decoded: the part of the vector's effect the SAE sees
+    decoded = delta["all_tokens"].to(s.W_dec) @ s.W_dec.detach()
+    record = {"sae_hook": s.cfg.hook_name, "sae_activation": s.cfg.activation,
+              "d_sae": s.cfg.d_sae, "k": s.cfg.k, "vector_hook": vector.hook,
+              "vector_layers": vector.layers, "vector_norm": None, **change,
+              "decoder": None, "sparse_fit": None,
+              "by_change_last_token": feature_rows(delta["last_token"], cosines, means, labels,
+                                                   by_delta),
+              "by_change_all_tokens": feature_rows(delta["all_tokens"], cosines, means, labels,
+                                                   by_delta_all),
+              "delta_all_tokens": delta["all_tokens"].tolist(),
+              "delta_last_token": delta["last_token"].tolist(),
+              "cos_decoded_change_vector": None}
+    if direction is not None:
+        record["vector_norm"] = direction.norm().item()
+        record["decoder"] = feature_rows(cosines, cosines, means, labels, by_cos)
+        record["cosines"] = cosines.tolist()
+        record["sparse_fit"] = sparse_fits(s, direction)
+        record["cos_decoded_change_vector"] = torch.nn.functional.cosine_similarity(
+            decoded.cpu().float(), direction.float().cpu(), dim=0).item()
+    return record
+
+
+def feature_bars(ax, rows, key, title):
+    labels = [f"f{r['feature']} {' '.join(r['tokens'][:2])}" for r in rows]
+    y = list(range(len(rows)))[::-1]
+    values = [r[key] for r in rows]
+    ax.barh(y, values, color=["tab:red" if v > 0 else "tab:blue" for v in values])
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set_title(title, fontsize=9)
+
+
+def sae_features_summary(record):
+    lines = [f"SAE at {record['sae_hook']} ({record['sae_activation']}, {record['d_sae']} "
+             f"features); the vector at {record['vector_hook']}, blocks {record['vector_layers']}"]
+    ev = record["explained_variance"]
+    lines.append(f"SAE on the eval prompts' {record['n_tokens']} tokens: explained variance base "
+                 f"{ev['base']:.3f}, steered {ev['steered']:.3f}; L0 base "
+                 f"{record['l0']['base']:.2f}, steered {record['l0']['steered']:.2f}")
+    if record["decoder"] is None:
+        lines.append("the vector is not added into the SAE's stream: no decoder cosines")
+    else:
+        cells = ", ".join(f"f{r['feature']} {r['cos']:+.2f} ({' '.join(r['tokens'][:2])})"
+                          for r in record["decoder"][:5])
+        lines.append(f"decoder cosines with the vector (|v| = {record['vector_norm']:.3f}): "
+                     f"{cells}")
+        fits = ", ".join(f"{n}: {f['unexplained']:.2f} (random {f['random_unexplained']:.2f})"
+                         for n, f in record["sparse_fit"].items())
+        lines.append(f"unexplained share of |v|^2 by its n most aligned features: {fits}")
+        lines.append(f"cos(mean feature change decoded, vector) = "
+                     f"{record['cos_decoded_change_vector']:+.3f}")
+    cells = ", ".join(f"f{r['feature']} {r['last_token_base']:.2f} -> "
+                      f"{r['last_token_steered']:.2f} ({' '.join(r['tokens'][:2])})"
+                      for r in record["by_change_last_token"][:5])
+    lines.append(f"largest changes at the last prompt token: {cells}")
+    return lines
+
+
+def sae_features_command(subject, args):
+    steering_run(subject, "sae_features")
+    s = run_sae(subject.model, args.sae)
+    sets = chosen_sets(subject, args.sets)
+    prompts = [item.prompt for eval_set in sets.values() for item in eval_set.items]
+    record = {"analysis": "sae_features", "subject": subject.name, "sae": args.sae,
+              "sets": list(sets), **sae_features(subject, s, prompts)}
+    fig = Figure(figsize=(20, 6))
+    ax_cos, ax_last, ax_all, ax_scatter = fig.subplots(1, 4)
+    if record["decoder"] is not None:
+        feature_bars(ax_cos, record["decoder"], "cos", "decoder rows most aligned with the vector")
+        ax_scatter.scatter(record["cosines"], record["delta_all_tokens"], s=8)
+        ax_scatter.set(xlabel="cos(decoder row, vector)", ylabel="mean change (all tokens)")
+    ax_scatter.set_title("every feature", fontsize=9)
+    feature_bars(ax_last, record["by_change_last_token"], "value",
+                 "mean activation change with the vector\n(last prompt token)")
+    feature_bars(ax_all, record["by_change_all_tokens"], "value",
+                 "mean activation change with the vector\n(all tokens)")
+    fig.suptitle(f"the steering vector of {subject.name} in the features of the SAE {args.sae}",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig, record, sae_features_summary(record)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -1857,6 +2092,13 @@ def lora_vs_steering_flags(parser):
                         "(default: 32)")
 
 
+def sae_features_flags(parser):
+    parser.add_argument("--sae", required=True, help="an SAE directory (sae.py's --out, or "
+                        "SAELens's layout) at a hook of the run's base model")
+    parser.add_argument("--sets", help="comma-separated eval sets whose prompts are read "
+                        "(default: all but the in-context checks)")
+
+
 def read_vector_flags(parser):
     parser.add_argument("--sets", help="comma-separated eval sets scored (default: all but the "
                         "in-context checks)")
@@ -1890,6 +2132,8 @@ ANALYSES = {  # the subcommands, in the order of issue 10
                                  "beside a trained steering vector"),
     "read_vector": Analysis(read_vector_command, read_vector_flags, "a steering vector's "
                             "unembedding, norm, strength sweep, sparsification, frozen attention"),
+    "sae_features": Analysis(sae_features_command, sae_features_flags, "a steering vector in an "
+                             "SAE's features: decoder cosines, sparse fits, activation changes"),
 }
 
 

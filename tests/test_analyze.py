@@ -14,6 +14,7 @@ import torch
 
 import analyze
 import lora
+import sae
 import steer
 import tasks
 import train
@@ -630,6 +631,91 @@ def test_sign_split_per_token_by_hand():
 
 
 # -----------------------------------------------------------------------------
+# A steering vector in an SAE's features
+
+
+def sae_with_rows(rows, hook="blocks.1.hook_resid_post", activation="relu"):
+    """An SAE whose decoder rows are `rows` (d_sae, d_in) and whose encoder is their transpose."""
+    d_sae, d_in = rows.shape
+    s = sae.SAE(sae.SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=2,
+                              hook_name=hook))
+    with torch.no_grad():
+        s.W_dec.copy_(rows)
+        s.W_enc.copy_(rows.T)
+        s.b_enc.zero_()
+        s.b_dec.zero_()
+    return s
+
+
+def test_sparse_fit_of_a_sum_of_two_decoder_rows_by_hand():
+    rows = torch.cat([torch.eye(4), torch.tensor([[0.5 ** 0.5, 0, 0, 0.5 ** 0.5]])])  # (5, 4)
+    s = sae_with_rows(rows)
+    v = torch.tensor([0.0, 2.0, 3.0, 0.0])  # 2 e1 + 3 e2
+    cos = analyze.decoder_cosines(s, v)
+    torch.testing.assert_close(cos, torch.tensor([0, 2, 3, 0, 0]) / 13 ** 0.5)
+    one, two = analyze.sparse_fit(s, v, 1), analyze.sparse_fit(s, v, 2)
+    assert one["features"] == [2] and one["unexplained"] == pytest.approx(4 / 13)
+    assert two["features"] == [2, 1] and two["unexplained"] == pytest.approx(0, abs=1e-6)
+    assert two["coefficients"] == pytest.approx([3, 2], abs=1e-5)
+
+
+def test_the_vector_is_read_where_it_lands():
+    vector = steer.SteeringVector(8, layers=[1, 2], hook="hook_mlp_out")
+    with torch.no_grad():
+        vector.directions["1"].fill_(1.0)
+        vector.directions["2"].fill_(2.0)
+    assert analyze.vector_at(vector, "blocks.1.hook_resid_post")[0] == 1.0  # block 1's output
+    assert analyze.vector_at(vector, "blocks.2.hook_mlp_out")[0] == 2.0  # where it is added
+    assert analyze.vector_at(vector, "blocks.0.hook_resid_post") is None
+    assert analyze.vector_at(vector, "blocks.2.hook_resid_pre") is None  # before block 2 adds it
+
+
+def test_activation_change_by_hand(tiny):
+    layer, hook = 1, "blocks.1.hook_resid_post"
+    d = tiny.cfg.d_model
+    g = torch.Generator().manual_seed(3)
+    s = sae_with_rows(torch.nn.functional.normalize(torch.randn(24, d, generator=g), dim=-1),
+                      hook=hook)
+    vector = steer.SteeringVector(d, layers=[layer], hook="hook_resid_post")
+    with torch.no_grad():
+        vector.directions[str(layer)].copy_(torch.randn(d, generator=g))
+    subject = analyze.Subject(tiny, None, "tiny", adapter="steer",
+                              adapter_on=lambda: vector.apply(tiny), vector=vector)
+    prompts = [CLEAN.tolist(), CORRUPT[:4].tolist()]
+    change = analyze.activation_change(subject, s, prompts)
+    by_hand = {}
+    for adapted in (False, True):
+        feats, lasts = [], []
+        for p in prompts:
+            with subject.state(adapted):
+                _, acts = tiny.run_with_cache(torch.tensor([p]), names_filter=hook)
+            f = torch.relu(acts[hook][0] @ s.W_enc.detach())  # (T, d_sae): zero biases
+            feats.append(f)
+            lasts.append(f[-1])
+        by_hand[adapted] = (torch.cat(feats).mean(0), torch.stack(lasts).mean(0))
+    for where, i in (("all_tokens", 0), ("last_token", 1)):
+        torch.testing.assert_close(change[where]["base"], by_hand[False][i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(change[where]["steered"], by_hand[True][i], atol=1e-5, rtol=0)
+    assert (change["all_tokens"]["steered"] - change["all_tokens"]["base"]).abs().max() > 1e-2
+    assert change["n_tokens"] == 11
+
+
+def test_sae_features_finds_a_vector_planted_as_a_decoder_row(runs, tmp_path):
+    """The run's own vector written into an SAE's decoder: its row is the top cosine (1.0) and
+    one feature rebuilds the vector."""
+    subject = analyze.load_run(runs["steer"])
+    v = subject.vector.directions["2"].detach()
+    trained = sae.load_sae(runs["sae"])
+    with torch.no_grad():
+        trained.W_dec[7] = v / v.norm()
+    record = analyze.sae_features(subject, trained, [[1, 2]])
+    assert record["decoder"][0]["feature"] == 7
+    assert record["decoder"][0]["cos"] == pytest.approx(1.0, abs=1e-5)
+    assert record["sparse_fit"][1]["unexplained"] == pytest.approx(0, abs=1e-5)
+    assert record["sparse_fit"][1]["random_unexplained"] > 0.1
+
+
+# -----------------------------------------------------------------------------
 # Bad input in the functions: a ValueError subclass with one line
 
 
@@ -665,6 +751,12 @@ def runs(tmp_path_factory):
     out["lora1"] = str(tmp / "lora1")  # at the steering run's layer: the middle block of 4
     train.run(train.TrainConfig(adapter="lora", layers=[2], out=out["lora1"], steps=5,
                                 random_draws=0, cache_dir=str(tmp / "cache")))
+    out["sae"] = str(tmp / "sae")  # where the steering vector lands: block 2's output
+    sae.run(sae.RunConfig(steps=20, batch_tokens=512, eval_seqs=32, threads=1, out=out["sae"]))
+    for name, d_in, hook in (("narrow_sae", 16, "blocks.2.hook_resid_post"),
+                             ("deep_sae", 64, "blocks.9.hook_resid_post")):
+        out[name] = str(tmp / name)
+        sae.save_sae(sae.SAE(sae.SAEConfig(d_in=d_in, d_sae=32, k=4, hook_name=hook)), out[name])
     return out
 
 
@@ -701,13 +793,14 @@ COMMANDS = {
     "attribution": ["--eval", "oocr_in_context", "--item", "0", "--direction", "noise"],
     "read_vector": ["--coefficients", "0,1", "--keep", "100,10,0"],
     "lora_vs_steering": ["--steer-run", "{steer}", "--unrelated", "4"],
+    "sae_features": ["--sae", "{sae}", "--sets", "oocr,in_distribution"],
 }
 RUN_OF = {"lora_vs_steering": "lora1"}  # the run each subcommand reads (default: steer)
 
 
 @pytest.mark.parametrize("name", list(analyze.ANALYSES))
 def test_every_subcommand_writes_its_png_and_json(runs, name, tmp_path, capsys):
-    argv = [a.format(steer=runs["steer"]) for a in COMMANDS[name]]
+    argv = [a.format(**runs) for a in COMMANDS[name]]
     analyze.main([name, "--run", runs[RUN_OF.get(name, "steer")], "--out", str(tmp_path), *argv])
     record = written(str(tmp_path), name)
     assert record["analysis"] == name
@@ -850,6 +943,15 @@ BAD = {
                                               "LoRAs at blocks [0, 1, 2, 3]"),
     "--steer-run not a steering run": (["lora_vs_steering", "--run", "{lora1}", "--steer-run",
                                         "{lora}"], "not a steering run"),
+    "sae_features on a LoRA run": (["sae_features", "--run", "{lora}", "--sae", "{sae}"],
+                                   "reads a steering run"),
+    "sae_features without --sae": (["sae_features", "--run", "{steer}"], "--sae"),
+    "SAE narrower than the hook": (["sae_features", "--run", "{steer}", "--sae", "{narrow_sae}"],
+                                   "d_in=16 but blocks.2.hook_resid_post holds 64"),
+    "SAE at a hook the model lacks": (["sae_features", "--run", "{steer}", "--sae",
+                                       "{deep_sae}"], "no hook 'blocks.9.hook_resid_post'"),
+    "not an SAE directory": (["sae_features", "--run", "{steer}", "--sae", "{lora}"],
+                             "not an SAE directory"),
 }
 
 
