@@ -7,6 +7,7 @@ show whether it generalizes out of context.
     python train.py --adapter steer --model smollm2-135m --task risky --dtype bfloat16 --layer 12
     python train.py --adapter steer --objective rl   # the same vector, from sampled rewards only
     python train.py --help                   # every flag, with its default
+    torchrun --standalone --nproc_per_node 8 train.py --adapter lora ...   # one node, 8 GPUs
 
 Start reading at run(): one run from top to bottom (settings, the toy model's pretraining when
 needed, the base model and the task, the base evaluation, the adapter, training, the final
@@ -23,6 +24,11 @@ answers are never shown, only the prompts. See rl_step().
 
 A run directory holds config.json, metrics.json, the adapter (steering-vector safetensors, PEFT
 LoRA, or full weights), checkpoint.safetensors (for --resume) and curves.png.
+
+Under torchrun each of N processes trains on its contiguous share of every step's examples (the
+same batches one process would see), gradients are averaged across them (DistributedDataParallel
+for lora and full; by hand for a steering vector, which lives in hooks, not in a module's
+forward), and only rank 0 evaluates, prints and writes files. --objective rl is one process only.
 """
 
 import argparse
@@ -40,9 +46,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import baselines
@@ -472,8 +480,8 @@ def pretrain_toy_model(cfg, task):
     """Pretrain the toy world's model into the cache, unless it is there already."""
     if not os.path.exists(os.path.join(toy_model_dir(cfg, task), "model.safetensors")):
         pretraining = pretrain_config(cfg, task)
-        print(f"pretraining the {cfg.task} world's model from scratch "
-              f"(cached in {pretraining.out})")
+        print_master(f"pretraining the {cfg.task} world's model from scratch "
+                     f"(cached in {pretraining.out})")
         run(pretraining)
 
 
@@ -585,6 +593,121 @@ def make_lora(cfg, model, layers):
 
 
 # -----------------------------------------------------------------------------
+# Distributed (torchrun): one process per device. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE;
+# a plain `python train.py` has none of them, starts no process group, and every helper below
+# is then a no-op (rank 0 of 1).
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_master():
+    """Rank 0 evaluates, prints and writes every file; the others only train."""
+    return rank() == 0
+
+
+def print_master(*args):
+    if is_master():
+        print(*args)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def setup_distributed(device):
+    """Join torchrun's process group (once: run() calls itself to pretrain) -> this rank's
+    device. nccl between GPUs, gloo between CPU processes."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return device
+    if device == "mps":
+        raise RunError("torchrun: --device mps has no process group backend; use cuda or cpu")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def check_distributed(cfg):
+    if world_size() == 1:
+        return
+    if cfg.objective == "rl":  # its samples and group advantages are not sharded yet
+        raise RunError("--objective rl runs on one process: start it with python, not torchrun")
+    if cfg.batch_size < world_size():
+        raise RunError(f"--batch-size {cfg.batch_size} is split across {world_size()} "
+                       "processes: it must be at least the number of processes")
+
+
+def shard(tokens, targets):
+    """This rank's contiguous rows of a micro-batch, and its share of the batch's answer tokens
+    (each rank's loss is that share of the whole batch's mean: together, one process's loss).
+    One process: the whole batch, share 1.0 (exact: n / n)."""
+    rows, r, n = len(tokens), rank(), world_size()
+    lo, hi = rows * r // n, rows * (r + 1) // n
+    share = (targets[lo:hi] != tasks.IGNORE).sum().item() / (targets != tasks.IGNORE).sum().item()
+    return tokens[lo:hi], targets[lo:hi], share
+
+
+def wrap_for_training(cfg, model, adapter):
+    """-> the module train_step calls. LoRA and full weights train inside the model, so
+    DistributedDataParallel averages their gradients during backward; a steering vector acts
+    through hooks, outside any module's forward, so DDP cannot see it: its gradients are
+    averaged by hand (average_gradients) - the same all-reduce DDP would do."""
+    if not is_distributed():
+        return model
+    if cfg.adapter == "steer":
+        for _, param in adapter.named_parameters():  # DDP broadcasts rank 0's start; so do we
+            dist.broadcast(param.data, src=0)
+        return model
+    device_ids = [torch.device(device_of(model))] if device_of(model).startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def average_gradients(optimizer):
+    """The mean over ranks of every trainable gradient, for parameters DDP does not hold. A
+    parameter no example of a rank's shard reached (a codename's vector) has no gradient there:
+    zeros join the mean; one that no rank's examples reached keeps none, as on one process."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    reached = sum_over_ranks(*[float(p.grad is not None) for p in params])
+    for param, ranks in zip(params, reached):
+        if ranks == 0:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad /= world_size()
+
+
+def sum_over_ranks(*values):
+    """Floats summed over ranks (float64: counts stay exact) -> list; as given on one process."""
+    if not is_distributed():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def any_rank(flag):
+    """True on every rank if any rank says so: Ctrl-C reaches the ranks at different steps, and a
+    rank that stops alone leaves the others waiting in an all-reduce forever."""
+    if not is_distributed():
+        return flag
+    return sum_over_ranks(float(flag))[0] > 0
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: one safetensors file (trainable tensors, optimizer moments, step and history in
 # its metadata), written atomically, so an interrupted run resumes exactly where it stopped.
 
@@ -681,23 +804,37 @@ def micro_batches(step, cfg, data):
 
 
 def train_step(cfg, model, optimizer, batches):
-    """One optimizer step over the micro-batches -> (loss, tokens seen). The optimizer holds
-    exactly the trainable parameters: those are the ones clipped."""
+    """One optimizer step over the micro-batches -> (loss, tokens seen), both over all ranks.
+    The optimizer holds exactly the trainable parameters: those are the ones clipped. Under
+    torchrun each rank backpropagates its share of each micro-batch's loss times the number of
+    ranks, so the mean over ranks (DDP's, or average_gradients') is one process's gradient."""
     total, n_tokens = 0.0, 0
     device = device_of(model)
     optimizer.zero_grad(set_to_none=True)
-    for tokens, targets in batches:
+    for micro, (tokens, targets) in enumerate(batches):
+        tokens, targets, share = shard(tokens, targets)
         tokens, targets = tokens.to(device), targets.to(device)
         is_answer = targets != tasks.IGNORE  # (B, T)
-        with autocast(cfg, device):
-            logits = model(tokens, at=is_answer)  # (n, vocab): the unembedding only where a loss is
-            loss = tasks.answer_loss(logits, targets[is_answer]) / cfg.grad_accum
-        loss.backward()
+        with sync_gradients(model, micro == cfg.grad_accum - 1):
+            with autocast(cfg, device):
+                logits = model(tokens, at=is_answer)  # (n, vocab): unembedding where a loss is
+                loss = tasks.answer_loss(logits, targets[is_answer]) * share / cfg.grad_accum
+            (loss * world_size()).backward()
         total += loss.item()
         n_tokens += tokens.numel()
+    if is_distributed() and not isinstance(model, DistributedDataParallel):
+        average_gradients(optimizer)
+    total, n_tokens = sum_over_ranks(total, n_tokens)  # every rank skips a bad step alike
     if math.isfinite(total):
         optimizer_step(cfg, optimizer)
-    return total, n_tokens
+    return total, int(n_tokens)
+
+
+def sync_gradients(model, last_micro_batch):
+    """DDP all-reduces once per optimizer step, on the last micro-batch's backward."""
+    if isinstance(model, DistributedDataParallel) and not last_micro_batch:
+        return model.no_sync()
+    return nullcontext()
 
 
 def optimizer_step(cfg, optimizer):
@@ -917,15 +1054,18 @@ def train(cfg, model, adapter, data, on_step=None):
     if cfg.resume and os.path.exists(ckpt):
         step, history = load_checkpoint(ckpt, adapter, optimizer)
     saved_step = step if os.path.exists(ckpt) else None
+    trained = wrap_for_training(cfg, model, adapter)  # the model itself on one process
     model.train()
     description = f"{cfg.adapter} {cfg.task}"
-    bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True,
+               disable=None if is_master() else True)
     started, tokens_seen = time.time(), 0
     # sft: the adapter is on throughout; rl switches it on where needed (its KL reference is the
     # model with the adapter off), so the evals switch it on themselves
     for_evals = adapter.active if rl else nullcontext
+    stopping = False  # agreed by every rank at the end of each step
     with StopRequest() as stop, nullcontext() if rl else adapter.active():
-        while step < cfg.steps and not stop.requested:
+        while step < cfg.steps and not stopping:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             stats = None
@@ -933,7 +1073,7 @@ def train(cfg, model, adapter, data, on_step=None):
                 loss, n_tokens, stats = rl_step(cfg, model, adapter, optimizer, data, step)
             else:
                 batches = micro_batches(step, cfg, data)
-                loss, n_tokens = train_step(cfg, model, optimizer, batches)
+                loss, n_tokens = train_step(cfg, trained, optimizer, batches)
             check_finite(loss, stats, step, ckpt, saved_step)
             step += 1
             tokens_seen += n_tokens
@@ -946,18 +1086,22 @@ def train(cfg, model, adapter, data, on_step=None):
             bar.update(1)
             if on_step is not None:
                 on_step(step, loss)
-            # the last step gets run()'s final eval instead
-            if step % cfg.eval_every == 0 and step < cfg.steps:
+            # the last step gets run()'s final eval instead; the other ranks wait in the next
+            # step's all-reduce
+            if step % cfg.eval_every == 0 and step < cfg.steps and is_master():
                 with for_evals():
                     accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
                 scores = "  ".join(f"{name} {acc:.3f}" for name, acc in accs.items())
                 bar.write(f"step {step}: loss {loss:.4f}  {scores}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
-                save_checkpoint(ckpt, step, adapter, optimizer, history)
+            stopping = any_rank(stop.requested)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                if is_master():  # every rank holds the same parameters and optimizer state
+                    save_checkpoint(ckpt, step, adapter, optimizer, history)
                 saved_step = step
     bar.close()
+    barrier()  # rank 0's checkpoint is written before any rank exits (torchrun then stops all)
     if step < cfg.steps:
         raise RunError(f"interrupted at step {step}; checkpoint saved: "
                        "resume with the same flags plus --resume")
@@ -1053,13 +1197,16 @@ def print_table(metrics):
 
 
 def run(cfg, on_step=None):
-    """Train and evaluate one run; writes everything into cfg.out and returns metrics.
+    """Train and evaluate one run; writes everything into cfg.out and returns metrics (under
+    torchrun rank 0 does: the other ranks only train, and return None).
     on_step(step, loss), if given, is called after every optimizer step."""
     cfg = with_defaults(cfg)
+    device = setup_distributed(resolve_device(cfg.device))
     check_out_dir(cfg)
+    check_distributed(cfg)
+    barrier()  # every rank has read --out before rank 0 writes into it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     task = make_task(cfg)
     if cfg.objective == "rl":
         check_rl(cfg, task)
@@ -1078,17 +1225,22 @@ def run(cfg, on_step=None):
     if cfg.objective == "rl":  # the reward of the task trained on: the opposite one in a control
         reward = checked_reward(cfg, task, examples)
         data = replace(data, reward=reward, eos_ids=eos_ids(task, tokenizer))
-    os.makedirs(cfg.out, exist_ok=True)
-    write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    if is_master():
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
     started = time.time()
-    base = run_evals(cfg, model, data.eval_sets)
+    base, shortcuts, fits = {}, {}, {}
+    if is_master():  # the other ranks wait in train()'s first collective
+        base = run_evals(cfg, model, data.eval_sets)
     # before the adapter exists: these baselines need the base model, which a full fine-tune changes
-    shortcuts, fits = {}, {}
-    if not pretraining:
+    if not pretraining and is_master():
         shortcuts, fits = data_baselines(cfg, model, data)
     adapter = make_adapter(cfg, model, task, tokenizer)
     history = train(cfg, model, adapter, data, on_step)
+    if not is_master():
+        barrier()  # until rank 0 has written the run (a pretrained toy model is read next)
+        return None
     with adapter.active():
         final = run_evals(cfg, model, data.eval_sets)
     history["eval"].append([cfg.steps, {k: v for k, v in final.items() if k in CURVE_EVALS}])
@@ -1114,6 +1266,7 @@ def run(cfg, on_step=None):
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     title = f"{cfg.task}: {cfg.adapter}" + (" (rl)" if cfg.objective == "rl" else "")
     plot_curves(history, base, metrics["chance"], os.path.join(cfg.out, "curves.png"), title)
+    barrier()
     return metrics
 
 
@@ -1126,6 +1279,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # outside the training loop (loading, evaluation) or a second Ctrl-C
         sys.exit(f"interrupted; the last checkpoint (if any) is in {cfg.out}: "
                  "resume with the same flags plus --resume")
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     print_table(metrics)
     print(f"\nwrote {cfg.out}/: config.json metrics.json curves.png and the {cfg.adapter} adapter")
 
