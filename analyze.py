@@ -11,6 +11,8 @@ summary.
     python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
     python analyze.py read_vector --run runs/persona-steer-seed0 --coefficients=-2,-1,0,1,2
     python analyze.py sae_features --run runs/persona-steer-seed0 --sae runs/sae-persona
+    python analyze.py vector_lens --run runs/persona-steer-rl-all --new-tokens 8
+    python analyze.py combine --run runs/rl-steer-L0 --runs runs/rl-steer-L1,runs/rl-steer-L3
     python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \\
         --token " Paris" --out runs/analysis-paris
 
@@ -23,7 +25,8 @@ Read top to bottom: the subject (a run directory or a checkpoint -> model, token
 adapter switch) -> prompts and tokens -> logit lens -> attention patterns -> activation patching
 (batched) -> attribution patching -> scoring eval items under any forward -> reading a steering
 vector -> plots and files -> the analyses from the command line -> a steering vector in an SAE's
-features (sae.py) -> the command line (ANALYSES, the table of subcommands).
+features (sae.py) -> a vector's lens per layer and its effect along a continuation -> vectors
+trained apart, combined -> the command line (ANALYSES, the table of subcommands).
 """
 
 import argparse
@@ -31,7 +34,7 @@ import copy
 import os
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
@@ -45,7 +48,7 @@ import steer
 import tasks
 import train
 from checkpoint import CheckpointError, atomic_write, first_line, load_model, read_json, write_json
-from model import LayerCache, LayerNorm
+from model import LayerCache, LayerNorm, generate
 
 
 class AnalysisError(ValueError):
@@ -1702,17 +1705,17 @@ def shown_tokens(record, tokenizer, per_group=SHOWN_PER_GROUP):
     return labels, groups
 
 
-def steer_run_vector(subject, run_dir):
-    """--steer-run: a steering run of the same base model and task -> its SteeringVector."""
+def steer_run_vector(subject, run_dir, flag="--steer-run"):
+    """--steer-run (or flag): a steering run of the same base model and task -> its vector."""
     if run_dir is None:
         return None
     cfg, mine = run_config(run_dir), subject.config
     if cfg.adapter != "steer":
-        raise AnalysisError(f"--steer-run {run_dir}: a {cfg.adapter} run, not a steering run")
+        raise AnalysisError(f"{flag} {run_dir}: a {cfg.adapter} run, not a steering run")
     same = ("model", "task", "task_options", "seed", "pretrain_steps")
     differ = [name for name in same if getattr(cfg, name) != getattr(mine, name)]
     if differ:
-        raise AnalysisError(f"--steer-run {run_dir}: another base model or task than "
+        raise AnalysisError(f"{flag} {run_dir}: another base model or task than "
                             f"{subject.name} ({', '.join(differ)} differ)")
     return load_vector(run_dir, subject.model)
 
@@ -2031,6 +2034,246 @@ def sae_features_command(subject, args):
 
 
 # -----------------------------------------------------------------------------
+# The lens of a steering vector per layer, and where its effect falls in a continuation (Sinii et
+# al. 2025): each layer's vector read through the final norm and the unembedding (read_vector's
+# readout), and KL(steered || base) of the next-token distribution at the first generated tokens
+# of a greedy steered continuation, for the whole vector and for each layer's vector alone. The
+# paper's last-layer vector acts on the first generated token: its KL sits at position 0.
+
+LENS_TOKENS = 3  # top boosted tokens of each layer that get a column in the heatmap
+
+
+def layer_alone(vector, layer):
+    """A copy of the vector with every other layer's direction zeroed."""
+    keep = {l: torch.full((vector.d_model,), l == layer) for l in vector.layers}
+    return sparsified(vector, keep)
+
+
+def length_groups(prompts):
+    """[token-id list] -> {length: [index]}: prompts of one length run as one batch."""
+    groups = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(i)
+    return groups
+
+
+def next_token_kl(steered, base):
+    """logits (..., vocab) twice -> KL(steered || base) (...), in fp32."""
+    logp, logq = steered.float().log_softmax(-1), base.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def continued_mask(new_tokens, eos_ids):
+    """new_tokens (B, m) -> bool (B, m): True at the positions predicted before any end id was
+    generated (the first one's always; generate repeats the end id after it)."""
+    ended = torch.isin(new_tokens, torch.tensor(sorted(set(eos_ids)), dtype=torch.long,
+                                                device=new_tokens.device))  # (B, m)
+    before = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], 1).cumsum(1)  # (B, m)
+    return before == 0
+
+
+@torch.no_grad()
+def continuation_kl(model, vector, prompts, n_new=8, eos_ids=()):
+    """-> kl (P, n_new), valid (P, n_new) bool: at generated position j (0 = the first generated
+    token, read at the last prompt position), KL(steered || base) of the next-token distribution
+    along the greedy continuation of the steered model. Both runs read the same tokens (teacher
+    forcing); valid is False past the first end id and past the model's context."""
+    kl = torch.zeros(len(prompts), n_new)
+    valid = torch.zeros(len(prompts), n_new, dtype=torch.bool)
+    for length, index in length_groups(prompts).items():
+        m = min(n_new, model.cfg.n_ctx - length)
+        if m <= 0:
+            continue
+        tokens = torch.tensor([prompts[i] for i in index], device=device_of(model))  # (B, L)
+        lengths = torch.full((len(index),), length, device=tokens.device)  # (B,)
+        with vector.apply(model, prompt_lengths=lengths):
+            seqs = generate(model, tokens, m, eos_ids=eos_ids)  # (B, L + m'), m' <= m
+            steered = model(seqs)  # (B, L + m', vocab)
+        base = model(seqs)
+        n = seqs.shape[1] - length  # m'
+        at = slice(length - 1, length - 1 + n)
+        kl[index, :n] = next_token_kl(steered[:, at], base[:, at]).cpu()  # (B, m')
+        valid[index, :n] = continued_mask(seqs[:, length:], eos_ids).cpu()
+    return kl, valid
+
+
+def position_means(kl, valid):
+    """(P, n) twice -> [mean over the valid prompts, or None where none is] per position."""
+    counts = valid.sum(0)  # (n,)
+    sums = (kl * valid).sum(0)  # (n,)
+    return [s.item() / c.item() if c else None for s, c in zip(sums, counts)]
+
+
+def first_token_share(means):
+    """The share of the summed per-position KL that falls at the first generated token."""
+    shown = [m for m in means if m is not None]
+    total = sum(shown)
+    return means[0] / total if shown and means[0] is not None and total > 0 else None
+
+
+def kl_profile(model, vector, prompts, n_new, eos_ids):
+    kl, valid = continuation_kl(model, vector, prompts, n_new, eos_ids)
+    means = position_means(kl, valid)
+    return {"kl": means, "prompts": valid.sum(0).tolist(), "first_share": first_token_share(means)}
+
+
+def kl_profiles(model, vector, prompts, n_new=8, eos_ids=()):
+    """-> {"all": the whole vector's profile, layer: that layer's vector alone} (alone only where
+    the vector has several layers)."""
+    out = {"all": kl_profile(model, vector, prompts, n_new, eos_ids)}
+    if len(vector.layers) > 1:
+        for layer in tqdm(vector.layers, desc="kl per layer", disable=None, leave=False):
+            out[layer] = kl_profile(model, layer_alone(vector, layer), prompts, n_new, eos_ids)
+    return out
+
+
+def lens_matrix(model, tokenizer, vector, readout, k=LENS_TOKENS):
+    """-> (logits (n_layers, n_tokens), token labels): every layer's final-norm lens on the union
+    of each layer's top-k boosted tokens."""
+    rows = torch.stack([vector_logits(model, direction, readout[layer]["resid_scale"])
+                        ["final_norm"] for layer, direction in layer_directions(vector).items()])
+    ids = []
+    for row in rows:
+        ids += [i for i in row.topk(min(k, row.numel())).indices.tolist() if i not in ids]
+    return rows[:, ids], token_labels(tokenizer, ids)
+
+
+def profile_label(key):
+    return "all layers" if key == "all" else f"layer {key} alone"
+
+
+def vector_lens_summary(record):
+    lines = []
+    for layer, r in record["readout"].items():
+        ups = ", ".join(f"{label} {v:+.2f}" for label, v in r["final_norm"]["boosted"][:5])
+        downs = ", ".join(f"{label} {v:+.2f}" for label, v in r["final_norm"]["suppressed"][:5])
+        lines.append(f"layer {layer}: |v| = {r['relative_norm']:.2f} x mean |resid|; boosted "
+                     f"{ups}; suppressed {downs}")
+    for key, p in record["kl"].items():
+        cells = " ".join("-" if v is None else f"{v:.3f}" for v in p["kl"])
+        share = "-" if p["first_share"] is None else f"{p['first_share']:.0%}"
+        lines.append(f"KL(steered || base) per generated position, {profile_label(key)}: "
+                     f"{cells} ({share} at the first token)")
+    return lines
+
+
+def vector_lens_command(subject, args):
+    vector = steering_run(subject, "vector_lens")
+    layer_directions(vector)  # a codename vector is refused before anything runs
+    sets = chosen_sets(subject, args.sets)
+    model = subject.model
+    prompts = [item.prompt for eval_set in sets.values() for item in eval_set.items]
+    prompts = prompts[: args.prompts]
+    readout = vector_readout(model, subject.tokenizer, vector, prompts, args.top_k)
+    eos = train.eos_ids(subject.task, subject.tokenizer)
+    profiles = kl_profiles(model, vector, prompts, args.new_tokens, eos)
+    values, labels = lens_matrix(model, subject.tokenizer, vector, readout)
+    record = {"analysis": "vector_lens", "subject": subject.name, "sets": list(sets),
+              "n_prompts": len(prompts), "hook": vector.hook, "positions": vector.positions,
+              "layers": vector.layers, "lens": "unembedding of ln_final's linear part applied to "
+              "v, at the mean norm scale of the residual stream where v lands (read_vector)",
+              "continuation": "greedy, steered; KL(steered || base) at each generated position, "
+              "both runs on the same tokens", "readout": readout, "kl": profiles,
+              "heatmap": {"tokens": labels, "logits": values.tolist()}}
+    fig = Figure(figsize=(max(8, 0.35 * len(labels) + 3) + 7, max(4, 0.3 * len(readout) + 2)))
+    ax_lens, ax_kl = fig.subplots(1, 2, width_ratios=[max(1, len(labels) / 10), 1])
+    heatmap(fig, ax_lens, values, labels, [f"layer {l}" for l in readout],
+            "each layer's vector through the final norm and unembedding (logits)",
+            **symmetric_limits(values))
+    for key, p in profiles.items():
+        ax_kl.plot(range(len(p["kl"])), [float("nan") if v is None else v for v in p["kl"]],
+                   marker="o", label=profile_label(key), linewidth=2 if key == "all" else 0.8)
+    ax_kl.set(xlabel="generated position (0 = first token)", ylabel="mean KL(steered || base)",
+              title="the vector's effect along a greedy steered continuation")
+    ax_kl.title.set_fontsize(9)
+    ax_kl.legend(fontsize=6)
+    fig.suptitle(f"the steering vector of {subject.name} per layer ({vector.hook}, positions "
+                 f"{vector.positions}; {len(prompts)} prompts)", fontsize=10)
+    fig.tight_layout()
+    return fig, record, vector_lens_summary(record)
+
+
+# -----------------------------------------------------------------------------
+# Vectors trained in isolation, combined (Sinii et al. 2025): several steering runs of one base
+# model and task, usually each at a single layer, applied together; each run's accuracy alone
+# beside all of them at once, and beside the sum of their effects alone (additive if it matches).
+
+
+@contextmanager
+def all_applied(model, vectors):
+    """Every vector added at once inside the block (hooks at one point add up)."""
+    with ExitStack() as stack:
+        for vector in vectors:
+            stack.enter_context(vector.apply(model))
+        yield model
+
+
+def combined_accuracy(model, vectors, eval_sets, batch_size=64):
+    """{run: vector} -> {"base", run..., "combined": {key: accuracy}, "sum_of_effects": base plus
+    every run's change alone, per key}."""
+    device = device_of(model)
+    out = {"base": tasks.evaluate(model, eval_sets, batch_size, device)}
+    for name, vector in tqdm(vectors.items(), desc="each alone", disable=None, leave=False):
+        with vector.apply(model):
+            out[name] = tasks.evaluate(model, eval_sets, batch_size, device)
+    with all_applied(model, vectors.values()):
+        out["combined"] = tasks.evaluate(model, eval_sets, batch_size, device)
+    out["sum_of_effects"] = {key: base + sum(out[name][key] - base for name in vectors)
+                             for key, base in out["base"].items()}
+    return out
+
+
+def combined_runs(subject, text):
+    """The subject's vector and --runs DIR,DIR's -> {run directory: vector}."""
+    vectors = {subject.name: subject.vector}
+    for run_dir in site_list(text):
+        if run_dir in vectors:
+            raise AnalysisError(f"--runs: {run_dir} given twice")
+        vectors[run_dir] = steer_run_vector(subject, run_dir, flag="--runs")
+    return vectors
+
+
+def run_label(run_dir, vector):
+    return f"{os.path.basename(os.path.normpath(run_dir))} (layers {vector.layers})"
+
+
+def combine_summary(record):
+    scores = record["accuracy"]
+    keys = list(scores["base"])
+    lines = [f"accuracy ({'/'.join(keys)}):"]
+    for name, layers in [("base", None), *record["layers"].items(),
+                         ("combined", None), ("sum_of_effects", None)]:
+        shown = name if layers is None else f"{name} (layers {layers})"
+        lines.append(f"  {'/'.join(f'{scores[name][k]:.3f}' for k in keys)}  {shown}")
+    return lines
+
+
+def combine_command(subject, args):
+    steering_run(subject, "combine")
+    vectors = combined_runs(subject, args.runs)
+    sets = chosen_sets(subject, args.sets)
+    accuracy = combined_accuracy(subject.model, vectors, sets)
+    record = {"analysis": "combine", "subject": subject.name, "sets": list(sets),
+              "layers": {name: v.layers for name, v in vectors.items()}, "accuracy": accuracy}
+    keys = list(accuracy["base"])
+    runs = [run for run in accuracy if run != "sum_of_effects"]  # not an accuracy: may pass 1
+    fig = Figure(figsize=(max(6, 1.2 * len(keys) * len(runs) / 3), 5))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        label = run if run not in vectors else run_label(run, vectors[run])
+        ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in range(len(keys))],
+               [accuracy[run][k] for k in keys], width, label=label)
+    ax.set_xticks(range(len(keys)), keys, fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title="each vector alone and all combined")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"steering vectors combined: {subject.name} and {len(vectors) - 1} more",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig, record, combine_summary(record)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -2111,6 +2354,24 @@ def read_vector_flags(parser):
                         help="boosted and suppressed tokens shown (default: 10)")
 
 
+def vector_lens_flags(parser):
+    parser.add_argument("--sets", help="comma-separated eval sets whose prompts are read "
+                        "(default: all but the in-context checks)")
+    parser.add_argument("--prompts", type=train.positive_int, default=64,
+                        help="at most this many of their prompts (default: 64)")
+    parser.add_argument("--new-tokens", type=train.positive_int, default=8,
+                        help="generated positions whose KL is read (default: 8)")
+    parser.add_argument("--top-k", type=train.positive_int, default=10,
+                        help="boosted and suppressed tokens per layer (default: 10)")
+
+
+def combine_flags(parser):
+    parser.add_argument("--runs", required=True, help="comma-separated steering runs of the same "
+                        "base model and task, applied together with --run's vector")
+    parser.add_argument("--sets", help="comma-separated eval sets scored (default: all but the "
+                        "in-context checks)")
+
+
 @dataclass
 class Analysis:
     run: Callable  # (subject, args) -> (figure, record, summary lines)
@@ -2134,6 +2395,11 @@ ANALYSES = {  # the subcommands, in the order of issue 10
                             "unembedding, norm, strength sweep, sparsification, frozen attention"),
     "sae_features": Analysis(sae_features_command, sae_features_flags, "a steering vector in an "
                              "SAE's features: decoder cosines, sparse fits, activation changes"),
+    "vector_lens": Analysis(vector_lens_command, vector_lens_flags, "each layer's steering vector "
+                            "through the final norm and unembedding, and KL(steered || base) per "
+                            "generated position: is the effect on the first token?"),
+    "combine": Analysis(combine_command, combine_flags, "steering vectors trained apart (e.g. one "
+                        "layer each) applied together: accuracy of each alone and combined"),
 }
 
 

@@ -569,6 +569,117 @@ def test_scored_runs_agree_with_tasks_evaluate(tiny):
 
 
 # -----------------------------------------------------------------------------
+# A vector's lens per layer and its effect along a continuation
+
+
+class IdTokenizer:
+    def decode(self, ids):
+        return f"t{ids[0]}"
+
+
+def test_vector_lens_rows_are_each_layers_final_norm_unembedding_by_hand(tiny):
+    vector = random_vector(tiny, layers=(0, 2), hook="hook_resid_post")
+    readout = {0: {"resid_scale": 2.0}, 2: {"resid_scale": 4.0}}
+    values, labels = analyze.lens_matrix(tiny, IdTokenizer(), vector, readout, k=2)
+    W, w = tiny.unembed.weight, tiny.ln_final.weight  # (vocab, d_model), (d_model,)
+    rows = []
+    for layer, scale in ((0, 2.0), (2, 4.0)):
+        v = vector.directions[str(layer)]
+        centred = v - v.mean() if tiny.cfg.arch == "gpt2" else v  # LayerNorm centres
+        rows.append(W @ (w * centred / scale))  # (vocab,)
+    ids = rows[0].topk(2).indices.tolist()
+    ids += [i for i in rows[1].topk(2).indices.tolist() if i not in ids]
+    assert labels == [f"t{i}" for i in ids]
+    torch.testing.assert_close(values, torch.stack(rows)[:, ids])
+
+
+def test_continued_mask_stops_after_the_first_end_id():
+    new = torch.tensor([[5, 1, 1, 1], [1, 1, 1, 1], [5, 6, 7, 8]])  # end id 1
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(analyze.continued_mask(new, (1,)), expected)
+    assert analyze.continued_mask(new, ()).all()
+
+
+def hand_kl(model, vector, prompt, n_new):
+    """The definition, one prompt, no KV cache: greedy steered tokens one at a time, and
+    KL(steered || base) of each next-token distribution."""
+    seq, kls = list(prompt), []
+    for _ in range(n_new):
+        tokens = torch.tensor([seq])
+        with torch.no_grad():
+            base = model(tokens)[0, -1].log_softmax(-1)
+            with vector.apply(model):
+                steered = model(tokens)[0, -1].log_softmax(-1)
+        kls.append((steered.exp() * (steered - base)).sum().item())
+        seq.append(steered.argmax().item())
+    return kls
+
+
+def test_kl_per_position_equals_the_definition_and_is_zero_without_a_vector(tiny):
+    prompts = [p.prompt for p in tiny_eval_sets()["set"].items]  # lengths 4, 5 and 6
+    vector = random_vector(tiny, layers=(0, 2), hook="hook_resid_post", scale=1.0)
+    kl, valid = analyze.continuation_kl(tiny, vector, prompts, n_new=4)  # (P, 4)
+    assert valid.all()
+    expected = torch.tensor([hand_kl(tiny, vector, p, 4) for p in prompts])
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-5)
+    assert (kl > 0).all()
+    zero = analyze.sparsified(vector, {0: torch.zeros(16, dtype=torch.bool),
+                                       2: torch.zeros(16, dtype=torch.bool)})
+    zero_kl, _ = analyze.continuation_kl(tiny, zero, prompts, n_new=4)
+    assert zero_kl.abs().max() < 1e-6
+
+
+def test_a_layer_alone_is_that_layers_vector(tiny):
+    vector = random_vector(tiny, layers=(0, 2), hook="hook_resid_post")
+    alone = analyze.layer_alone(vector, 2)
+    only = random_vector(tiny, layers=(2,), hook="hook_resid_post")
+    with torch.no_grad():
+        only.directions["2"].copy_(vector.directions["2"])
+    torch.testing.assert_close(logits_with(tiny, alone, CLEAN), logits_with(tiny, only, CLEAN))
+    profiles = analyze.kl_profiles(tiny, vector, [CLEAN.tolist()], n_new=3)
+    assert list(profiles) == ["all", 0, 2]
+    assert profiles["all"]["prompts"] == [1, 1, 1]
+
+
+def test_position_means_skip_prompts_past_their_end():
+    kl = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+    valid = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    means = analyze.position_means(kl, valid)
+    assert means == [2.0, 2.0, None]
+    assert analyze.first_token_share(means) == 0.5
+
+
+
+def test_vectors_applied_together_are_one_vector_with_both_layers(tiny):
+    both = random_vector(tiny, layers=(0, 2), hook="hook_resid_post")
+    apart = [analyze.layer_alone(both, 0), analyze.layer_alone(both, 2)]
+    with torch.no_grad():
+        with analyze.all_applied(tiny, apart):
+            together = tiny(CLEAN[None])
+    torch.testing.assert_close(together, logits_with(tiny, both, CLEAN))
+    sets = tiny_eval_sets()
+    scores = analyze.combined_accuracy(tiny, {"a": apart[0], "b": apart[1]}, sets)
+    with both.apply(tiny):
+        assert scores["combined"] == tasks.evaluate(tiny, sets)
+    with apart[1].apply(tiny):
+        assert scores["b"] == tasks.evaluate(tiny, sets)
+    base = scores["base"]["set"]
+    expected = base + (scores["a"]["set"] - base) + (scores["b"]["set"] - base)
+    assert scores["sum_of_effects"]["set"] == pytest.approx(expected)
+
+
+def test_combine_scores_each_run_as_it_scored_itself(runs, tmp_path):
+    analyze.main(["combine", "--run", runs["steer"], "--runs", runs["steer1"], "--out",
+                  str(tmp_path)])
+    record = written(str(tmp_path), "combine")
+    for name in ("steer", "steer1"):
+        with open(os.path.join(runs[name], "metrics.json")) as f:
+            final = json.load(f)["eval"]["final"]
+        assert record["accuracy"][runs[name]] == train.claim_sets(final)
+    assert record["layers"] == {runs["steer"]: [2], runs["steer1"]: [1]}
+
+
+# -----------------------------------------------------------------------------
 # LoRA vs steering
 
 
@@ -748,6 +859,9 @@ def runs(tmp_path_factory):
         out[adapter] = str(tmp / adapter)
         train.run(train.TrainConfig(adapter=adapter, out=out[adapter], steps=5, random_draws=0,
                                     cache_dir=str(tmp / "cache")))
+    out["steer1"] = str(tmp / "steer1")  # beside the steering run's block 2: combine
+    train.run(train.TrainConfig(adapter="steer", layers=[1], out=out["steer1"], steps=5,
+                                random_draws=0, cache_dir=str(tmp / "cache")))
     out["lora1"] = str(tmp / "lora1")  # at the steering run's layer: the middle block of 4
     train.run(train.TrainConfig(adapter="lora", layers=[2], out=out["lora1"], steps=5,
                                 random_draws=0, cache_dir=str(tmp / "cache")))
@@ -794,6 +908,8 @@ COMMANDS = {
     "read_vector": ["--coefficients", "0,1", "--keep", "100,10,0"],
     "lora_vs_steering": ["--steer-run", "{steer}", "--unrelated", "4"],
     "sae_features": ["--sae", "{sae}", "--sets", "oocr,in_distribution"],
+    "vector_lens": ["--prompts", "6", "--new-tokens", "3", "--top-k", "3"],
+    "combine": ["--runs", "{steer1}", "--sets", "oocr"],
 }
 RUN_OF = {"lora_vs_steering": "lora1"}  # the run each subcommand reads (default: steer)
 
@@ -952,6 +1068,11 @@ BAD = {
                                        "{deep_sae}"], "no hook 'blocks.9.hook_resid_post'"),
     "not an SAE directory": (["sae_features", "--run", "{steer}", "--sae", "{lora}"],
                              "not an SAE directory"),
+    "vector_lens on a LoRA run": (["vector_lens", "--run", "{lora}"], "reads a steering run"),
+    "combine with a LoRA run": (["combine", "--run", "{steer}", "--runs", "{lora}"],
+                                "a lora run, not a steering run"),
+    "combine a run with itself": (["combine", "--run", "{steer}", "--runs", "{steer}"],
+                                  "given twice"),
 }
 
 
