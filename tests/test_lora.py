@@ -211,9 +211,10 @@ def hf_gemma3(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              max_position_embeddings=64, sliding_window=4, sliding_window_pattern=2)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, max_position_embeddings=64, sliding_window=4,
+                              sliding_window_pattern=2)
     hf = Gemma3ForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "base")
     return hf, load_model(str(tmp_path / "base"))[0]
