@@ -1,8 +1,9 @@
 """
 One hand-written Transformer for the GPT-2, Llama (Llama 3, SmolLM2, Qwen2) and Gemma 3 families,
 with TransformerLens-style hook points, a KV cache and generation. Only torch and the standard
-library: checkpoint files live in checkpoint.py, tokenizers in tokenizer.py, and LoRA and steering vectors
-(lora.py, steer.py) attach from outside through modules and hook points; nothing here knows them.
+library: checkpoint files live in checkpoint.py, tokenizers in tokenizer.py, and LoRA and steering
+vectors (lora.py, steer.py) attach from outside through modules and hook points; nothing here knows
+them.
 
 Read top to bottom: config -> hook points -> layers -> the model -> hooks API -> generation.
 
