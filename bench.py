@@ -39,7 +39,9 @@ Rows (--rows takes names or prefixes: forward, train, train_lora, generate, ...)
                                layer and position) vs one forward per patch, every (layer,
                                position) site: the persona world's prompt lengths (4 and 26
                                tokens), one token corrupted mid-prompt; first: at position 0
-  attribution_vs_exact         attribution patching vs exact (batched) activation patching
+  attribution_vs_exact[_early] attribution patching vs exact (batched) activation patching, on
+                               a pair differing near the end (exact patching skips the positions
+                               before it) or near the start (every later position differs)
 
 Read top to bottom: settings -> FLOP counting -> timing -> memory -> models and inputs -> the
 rows -> running a row -> tables -> the command line.
@@ -449,25 +451,32 @@ def eval_items(s, vocab):
     return items
 
 
-PAIRS = {  # attribution patching: (clean, corrupt, right answer, wrong answer), one length
-    True: ("When Mary and John went to the store, John gave a drink to",
-           "When Mary and John went to the store, Mary gave a drink to", " Mary", " John"),
-    False: ("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
+# attribution patching: (clean, corrupt, right answer, wrong answer), one length; keyed by (where
+# the pair differs, long). "late": the indirect object swapped near the end, so exact patching
+# skips the positions before it; "early": a name near the start, so every later position differs
+PAIRS = {
+    ("late", True): ("When Mary and John went to the store, John gave a drink to",
+                     "When Mary and John went to the store, Mary gave a drink to", " Mary", " John"),
+    ("late", False): ("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
+    ("early", True): ("When Mary and John went to the store, John gave a drink to",
+                      "When Tom and John went to the store, John gave a drink to", " Mary", " Tom"),
+    ("early", False): ("Paris is the capital of", "Rome is the capital of", " France", " Italy"),
 }
 
 
-def prompt_pair(tokenizer, vocab, long):
+def prompt_pair(tokenizer, vocab, long, where="late"):
     """{clean, corrupt, right, wrong} token ids for attribution vs exact patching: a text pair
     where the tokenizer is known, else random ids of the same length with one token changed."""
     if tokenizer is not None:
-        clean, corrupt, right, wrong = PAIRS[long]
+        clean, corrupt, right, wrong = PAIRS[where, long]
         pair = {"clean": tokenizer.encode(clean), "corrupt": tokenizer.encode(corrupt),
                 "right": tokenizer.encode(right)[0], "wrong": tokenizer.encode(wrong)[0]}
         if len(pair["clean"]) == len(pair["corrupt"]):
             return pair
     n = 15 if long else 5
     clean = random_tokens(vocab, (n,), seed=SEED + 1).tolist()
-    corrupt = clean[:-3] + [(clean[-3] + 1) % vocab] + clean[-2:]
+    at = n - 3 if where == "late" else 1
+    corrupt = clean[:at] + [(clean[at] + 1) % vocab] + clean[at + 1 :]
     return {"clean": clean, "corrupt": corrupt, "right": 1, "wrong": 2}
 
 
@@ -819,21 +828,21 @@ def check_toy_patching(ctx, ours, theirs, corrupted):
     return note, {"patches_per_s": rates, "max_diff": diff, "patches": ours.last.numel()}
 
 
-def real_pair(ctx):
-    pair = ctx.inputs()["pair"]
+def real_pair(ctx, where="late"):
+    pair = ctx.inputs()[f"pair_{where}"]
     clean = torch.tensor(pair["clean"], device=ctx.device)
     corrupt = torch.tensor(pair["corrupt"], device=ctx.device)
     return clean, corrupt, analyze.logit_diff(pair["right"], pair["wrong"])
 
 
-def ours_attribution(ctx):
+def ours_attribution(ctx, where):
     model = ctx.model("ours")
-    return Side(partial(analyze.attribution_patching, model, *real_pair(ctx)))
+    return Side(partial(analyze.attribution_patching, model, *real_pair(ctx, where)))
 
 
-def exact_patching(ctx):
+def exact_patching(ctx, where):
     model = ctx.model("ours")
-    clean, corrupt, metric = real_pair(ctx)
+    clean, corrupt, metric = real_pair(ctx, where)
     last = [[len(clean) - 1]]  # the warm-up patches one position only: exact is the slow side
     return Side(partial(analyze.activation_patching, model, clean, corrupt, metric),
                 warmup=partial(analyze.activation_patching, model, clean, corrupt, metric,
@@ -899,8 +908,10 @@ ROWS = [
           "analyze.activation_patching (batched)", "one forward per patch", uses=("toy", "toy"),
           check=partial(check_toy_patching, corrupted=c))
       for name, (n, c) in TOY_PAIRS.items()],
-    Row("attribution_vs_exact", ours_attribution, exact_patching, "analyze.attribution_patching",
-        "analyze.activation_patching (exact)", uses=("ours", "ours"), check=check_attribution),
+    *[Row(f"attribution_vs_exact{suffix}", partial(ours_attribution, where=where),
+          partial(exact_patching, where=where), "analyze.attribution_patching",
+          "analyze.activation_patching (exact)", uses=("ours", "ours"), check=check_attribution)
+      for where, suffix in (("late", ""), ("early", "_early"))],
 ]
 ROW_NAMES = [row.name for row in ROWS]
 
@@ -1222,8 +1233,9 @@ def prepare(args, settings, hf_dir):
     """Load ours, write it in HF's layout with the shared inputs, load theirs, check logits."""
     ours, tokenizer = load_ours(args.model, args.device)
     save_model(ours, hf_dir)
-    pair = prompt_pair(tokenizer, ours.cfg.vocab_size, settings.long_pair)
-    write_json(os.path.join(hf_dir, INPUTS_NAME), {"pair": pair})
+    pairs = {f"pair_{where}": prompt_pair(tokenizer, ours.cfg.vocab_size, settings.long_pair, where)
+             for where in ("late", "early")}
+    write_json(os.path.join(hf_dir, INPUTS_NAME), pairs)
     ctx = Context(settings, args.device, hf_dir)
     ctx.models["ours"] = ours
     ctx.models["theirs"] = load_theirs(hf_dir, args.device)
