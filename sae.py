@@ -34,7 +34,6 @@ checkpoint.safetensors (for --resume), each written atomically.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -417,37 +416,17 @@ def sae_loss(sae, x, settings, dead):
 
 
 def save_checkpoint(path, step, sae, optimizer, since_active, history):
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
-    for i, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{i}.{key}"] = value.float().cpu().contiguous().reshape(-1)
-    tensors["since_active"] = since_active.cpu()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": str(step), "history": json.dumps(history)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    train.save_checkpoint(path, step, sae, optimizer, history,
+                          extra={"since_active": since_active.cpu()})
 
 
 def load_checkpoint(path, sae, optimizer):
     """Restores the SAE, Adam's moments and the RNG in place -> (step, since_active, history)."""
     try:
-        with safe_open(path, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata()
-    except Exception as e:
-        raise SAEError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
-    params = list(sae.named_parameters())
-    with torch.no_grad():
-        for name, param in params:
-            param.copy_(tensors[f"param.{name}"])
-    state = optimizer.state_dict()
-    for i, (_, param) in enumerate(params):
-        saved = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if saved:
-            shapes = {k: () if k == "step" else param.shape for k in saved}
-            state["state"][i] = {k: v.reshape(shapes[k]) for k, v in saved.items()}
-    optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), tensors["since_active"], json.loads(meta["history"])
+        step, history, extra = train.load_checkpoint(path, sae, optimizer)
+    except train.RunError as e:
+        raise SAEError(str(e)) from None
+    return step, extra["since_active"], history
 
 
 def sae_step(sae, optimizer, x, settings, since_active):

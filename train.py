@@ -712,8 +712,9 @@ def any_rank(flag):
 # its metadata), written atomically, so an interrupted run resumes exactly where it stopped.
 
 
-def save_checkpoint(path, step, adapter, optimizer, history):
-    tensors = {}
+def save_checkpoint(path, step, adapter, optimizer, history, extra=None):
+    """extra: more tensors by name, given back by load_checkpoint (sae.py's feature counters)."""
+    tensors = dict(extra or {})
     for name, param in adapter.named_parameters():
         tensors[f"param.{name}"] = param.detach().float().cpu().contiguous()
     for i, state in optimizer.state_dict()["state"].items():
@@ -725,14 +726,15 @@ def save_checkpoint(path, step, adapter, optimizer, history):
 
 
 def load_checkpoint(path, adapter, optimizer):
-    """Restores parameters, optimizer moments and RNG in place -> (step, history)."""
+    """Restores parameters, optimizer moments and RNG in place -> (step, history, {name: the
+    extra tensors save_checkpoint was given})."""
     try:
         with safe_open(path, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
     except Exception as e:
         raise RunError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
-    params = adapter.named_parameters()
+    params = list(adapter.named_parameters())
     with torch.no_grad():
         for name, param in params:
             param.copy_(tensors[f"param.{name}"].to(param.dtype))
@@ -744,7 +746,9 @@ def load_checkpoint(path, adapter, optimizer):
             state["state"][i] = {k: v.reshape(shapes[k]) for k, v in saved.items()}
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), json.loads(meta["history"])
+    own = ("param.", "optim.", "rng.")
+    extra = {name: tensor for name, tensor in tensors.items() if not name.startswith(own)}
+    return int(meta["step"]), json.loads(meta["history"]), extra
 
 
 # -----------------------------------------------------------------------------
@@ -1052,7 +1056,7 @@ def train(cfg, model, adapter, data, on_step=None):
     rl = cfg.objective == "rl"
     step, history = 0, {"loss": [], "eval": [], **({"rl": []} if rl else {})}
     if cfg.resume and os.path.exists(ckpt):
-        step, history = load_checkpoint(ckpt, adapter, optimizer)
+        step, history, _ = load_checkpoint(ckpt, adapter, optimizer)
     saved_step = step if os.path.exists(ckpt) else None
     trained = wrap_for_training(cfg, model, adapter)  # the model itself on one process
     model.train()
