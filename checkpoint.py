@@ -637,15 +637,7 @@ def hf_config_dict(cfg):
     return {
         "model_type": cfg.hf_model_type,
         "architectures": [architecture],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.d_head,
-        "intermediate_size": cfg.d_mlp,
-        "max_position_embeddings": cfg.n_ctx,
-        "rms_norm_eps": cfg.norm_eps,
+        **decoder_sizes(cfg),
         "rope_theta": cfg.rope_theta,
         "rope_scaling": cfg.rope_scaling,
         "attention_bias": cfg.o_bias,
@@ -655,11 +647,9 @@ def hf_config_dict(cfg):
     }
 
 
-def gemma3_config_dict(cfg):
-    global_rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+def decoder_sizes(cfg):
+    """The config.json sizes Llama-style and Gemma configs share."""
     return {
-        "model_type": "gemma3_text",
-        "architectures": ["Gemma3ForCausalLM"],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
@@ -669,6 +659,15 @@ def gemma3_config_dict(cfg):
         "intermediate_size": cfg.d_mlp,
         "max_position_embeddings": cfg.n_ctx,
         "rms_norm_eps": cfg.norm_eps,
+    }
+
+
+def gemma3_config_dict(cfg):
+    global_rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        **decoder_sizes(cfg),
         "rope_parameters": {
             "full_attention": global_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
