@@ -544,16 +544,22 @@ def name_predicate(names_filter):
 
 @torch.no_grad()
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, eos_ids=(), use_cache=True,
-             generator=None):
-    """tokens (B, T) -> (B, T + n) with n <= max_new_tokens. Greedy when temperature == 0.
-    Stops when every row has produced an EOS id (rows that finished keep emitting EOS)."""
+             generator=None, repeats=1):
+    """tokens (B, T) -> (B * repeats, T + n) with n <= max_new_tokens, each prompt's `repeats`
+    continuations consecutive (samples of one prompt share its prefill: the KV cache's rows are
+    repeated after it). Greedy when temperature == 0. Stops when every row has produced an EOS
+    id (rows that finished keep emitting EOS)."""
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=tokens.device)
     cache = model.new_cache() if use_cache else None
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    done = torch.zeros(tokens.shape[0] * repeats, dtype=torch.bool, device=tokens.device)
     out, step_input = tokens, tokens
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         inputs = step_input if use_cache else out
         logits = model(inputs, cache, at=last_position(inputs)).float()  # (B, vocab)
+        if step == 0 and repeats > 1:  # the prefill ran once per prompt: now one row per sample
+            logits, out = logits.repeat_interleave(repeats, 0), out.repeat_interleave(repeats, 0)
+            for layer_cache in cache or ():
+                layer_cache.repeat_rows(repeats)
         nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
         if len(eos):
             nxt = torch.where(done, eos[0], nxt)

@@ -233,8 +233,7 @@ class Adaptive(Placement):
     def capture_hooks(self):
         if self.vector.hook != "hook_mlp_out":
             return []
-        layers = self.vector.layers
-        return [(f"blocks.{layer}.hook_resid_mid", self.capture(layer)) for layer in layers]
+        return [(gate_site(self.vector, layer), self.capture(layer)) for layer in self.vector.layers]
 
     def capture(self, layer):
         def save(x, hook):
@@ -243,12 +242,24 @@ class Adaptive(Placement):
         return save
 
     def delta(self, layer, x):
-        key = str(layer)
-        resid = self.resid.pop(layer, x)  # (B, T, d_model)
-        weight = self.vector.gate_weight[key].to(x)  # (d_model,)
-        bias = self.vector.gate_bias[key].to(x)  # (1,)
-        gate = 2 * torch.sigmoid(resid @ weight + bias)  # (B, T)
+        gate = adaptive_gate(self.vector, layer, self.resid.pop(layer, x))  # (B, T)
         return gate[..., None] * self.direction(layer, x)  # (B, T, d_model)
+
+
+def gate_site(vector, layer):
+    """The hook whose activation an adaptive vector's gate at `layer` reads: the residual stream
+    (hook_resid_mid beside hook_mlp_out), or the steered activation itself, before the vector."""
+    if vector.hook == "hook_mlp_out":
+        return f"blocks.{layer}.hook_resid_mid"
+    return vector.hook_name(layer)
+
+
+def adaptive_gate(vector, layer, resid):
+    """The adaptive scale 2 * sigmoid(w . r + b) at every position: resid (B, T, d_model) read at
+    gate_site -> (B, T), in (0, 2)."""
+    weight = vector.gate_weight[str(layer)].to(resid)  # (d_model,)
+    bias = vector.gate_bias[str(layer)].to(resid)  # (1,)
+    return 2 * torch.sigmoid(resid @ weight + bias)
 
 
 PLACEMENTS = {

@@ -12,9 +12,10 @@ the sampled ids before the first end id (all of them where the task has no compl
 
 An EvalSet is multiple choice: each Item has a prompt, candidate continuations and the index of
 the right one. Scoring compares the summed log-probabilities of the candidates (batched), or, for
-exact-match sets, asks whether greedy decoding produces the right continuation. Where a set's
-options differ in length, evaluate also reports the mean log-probability per token
-('<name>.per_token'): a sum favours short options.
+exact-match sets, asks whether greedy decoding produces the right continuation, or, for sets with
+a reward, whether the greedy completion earns full reward (a free answer, checked by the task's
+code: "3 + 6 = 9" and "9" both right). Where a set's options differ in length, evaluate also
+reports the mean log-probability per token ('<name>.per_token'): a sum favours short options.
 
 Toy worlds for models trained from scratch live in toy.py (they have their own tiny vocabularies
 and import this interface); the OOCR tasks of the literature for pretrained models live below,
@@ -27,13 +28,14 @@ import math
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 
-from model import last_position
+from model import generate, last_position
 
 IGNORE = -100  # target value that cross_entropy skips
 
@@ -57,6 +59,11 @@ class EvalSet:
     items: list[Item]
     chance: float  # expected accuracy of a model that knows nothing
     exact_match: bool = False  # right iff greedy decoding yields options[answer] exactly
+    # Generation-based: right iff reward(prompt, greedy completion) >= 1, the completion being the
+    # ids before the first of eos_ids, at most max_new_tokens long. Options are then unused.
+    reward: Callable[[list[int], list[int]], float] | None = None
+    max_new_tokens: int = 0
+    eos_ids: tuple[int, ...] = ()
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +168,53 @@ def exact_match(model, item, device="cpu"):
     return predicted == want
 
 
+def through_eos(ids, eos_ids):
+    """Generated ids up to and including the first end id: what was chosen (generate repeats the
+    end id after it, which nobody chose)."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def without_eos(ids, eos_ids):
+    """A completion as a reward reads it: the end id, if it ended, is not part of the answer."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+@torch.no_grad()
+def complete(model, prompts, max_new_tokens, eos_ids=(), repeats=1, batch_size=None,
+             temperature=0.0, generator=None, device="cpu"):
+    """[prompt ids] -> [generated ids through the end id], `repeats` per prompt, consecutive.
+    Prompts of one length run as one batch (generate reads each row's last position), at most
+    batch_size rows (None: all); greedy unless a temperature is given."""
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    out = [None] * (len(prompts) * repeats)
+    for length, indices in sorted(by_length.items()):
+        step = max(1, batch_size // repeats) if batch_size else len(indices)  # prompts per batch
+        for start in range(0, len(indices), step):
+            chunk = indices[start : start + step]
+            batch = torch.tensor([prompts[i] for i in chunk], device=device)  # (n, length)
+            seqs = generate(model, batch, max_new_tokens, temperature=temperature,
+                            eos_ids=eos_ids, generator=generator,
+                            repeats=repeats)  # (n * repeats, length + new)
+            for j, ids in enumerate(seqs[:, length:].tolist()):
+                out[chunk[j // repeats] * repeats + j % repeats] = through_eos(ids, eos_ids)
+    return out
+
+
+def generated_accuracy(model, eval_set, batch_size=64, device="cpu"):
+    """Share of items whose greedy completion earns full reward."""
+    prompts = [item.prompt for item in eval_set.items]
+    completions = complete(model, prompts, eval_set.max_new_tokens, eval_set.eos_ids,
+                           batch_size=batch_size, device=device)
+    rewards = [eval_set.reward(p, without_eos(c, eval_set.eos_ids))
+               for p, c in zip(prompts, completions)]
+    return sum(r >= 1 for r in rewards) / len(rewards)
+
+
 TIE_NATS = 1e-5  # scores closer than this are tied: float32 sums differ in their last bits
 
 
@@ -189,7 +243,7 @@ def per_token(items, all_scores):
 def lengths_differ(eval_set):
     """Some item's options differ in token count: only there does summing favour short options,
     so only there is the per-token mean reported next to the sum."""
-    if eval_set.exact_match:
+    if eval_set.exact_match or eval_set.reward is not None:
         return False
     return any(len({len(o) for o in item.options}) > 1 for item in eval_set.items)
 
@@ -201,9 +255,11 @@ def score_keys(name, eval_set):
 
 
 def accuracy(model, eval_set, batch_size=64, device="cpu"):
-    """Fraction of items answered right, by summed log-probs (or exact match)."""
+    """Fraction of items answered right, by summed log-probs (or exact match, or reward)."""
     if not eval_set.items:
         return float("nan")
+    if eval_set.reward is not None:
+        return generated_accuracy(model, eval_set, batch_size, device)
     if eval_set.exact_match:
         right = sum(exact_match(model, item, device) for item in eval_set.items)
         return right / len(eval_set.items)
@@ -1283,10 +1339,11 @@ class ArithmeticTask:
     reward is 1 when the last integer of the completion's text is the sum (SmolLM2-135M-Instruct
     answers '3 + 6 = 9' or 'The answer is 9.' as often as '9'). 'in_distribution' asks held-out
     sums as trained; 'oocr' here is only a transfer check, held-out sums in other words (there is
-    no latent to infer). Both eval sets are exact match, a stricter format: greedy decoding must
-    give the digits, then the end of turn."""
+    no latent to infer). Both eval sets score the greedy completion (at most EVAL_TOKENS) by the
+    same reward: right iff its last integer is the sum."""
 
     name = "arithmetic"
+    EVAL_TOKENS = 32  # greedy completion length scored; train.py's rl samples as many
 
     # Measured (SmolLM2-135M-Instruct, 24 new tokens): 1 digit 0.47 greedy, 0.19 sampled at
     # temperature 1; 2 digits 0.03 and 0.01; 3 digits 0.02 and 0.01. So 1 digit by default: its
@@ -1341,26 +1398,32 @@ class ArithmeticTask:
         return [end_of_turn_id(tokenizer)] if tokenizer.chat_format else []
 
     def reward(self, prompt_ids, completion_ids):
-        """1 if the completion's last integer is the sum, else 0 (prompts of train_examples)."""
+        """1 if the completion's last integer is the sum, else 0 (prompts of train_examples and
+        eval_sets)."""
         want = self.sums.get(tuple(prompt_ids))
         if want is None:
             raise ValueError("not a prompt of this task's train_examples")
         return float(last_integer(self.decode(list(completion_ids))) == want)
 
-    def exact_set(self, name, tokenizer, template, problems):
+    def generated_set(self, name, tokenizer, template, problems):
+        """Held-out sums scored by reward() on the greedy completion; the sum's digits are kept
+        as the single option, for what reads an eval set's answers."""
+        self.decode = tokenizer.decode
         items = []
         for a, b in problems:
-            answer = answer_ids(tokenizer, str(a + b))
             prompt = chat_prompt(tokenizer, template.format(a=a, b=b))
-            items.append(Item(prompt, [answer], 0))
-        return EvalSet(name, items, chance=0.0, exact_match=True)
+            self.sums[tuple(prompt)] = a + b
+            items.append(Item(prompt, [answer_ids(tokenizer, str(a + b))], 0))
+        return EvalSet(name, items, chance=0.0, reward=self.reward,
+                       max_new_tokens=self.EVAL_TOKENS,
+                       eos_ids=tuple(self.completion_eos(tokenizer)))
 
     def eval_sets(self, tokenizer):
         return {
-            "in_distribution": self.exact_set("in_distribution", tokenizer, SUM_TEMPLATES[0],
-                                              self.id_problems),
-            "oocr": self.exact_set("oocr", tokenizer, SUM_WORDS_TEMPLATES[0],
-                                   self.transfer_problems),
+            "in_distribution": self.generated_set("in_distribution", tokenizer,
+                                                  SUM_TEMPLATES[0], self.id_problems),
+            "oocr": self.generated_set("oocr", tokenizer, SUM_WORDS_TEMPLATES[0],
+                                       self.transfer_problems),
         }
 
 

@@ -365,6 +365,20 @@ def test_kv_cache_matches_full_forward(tiny):
         assert max_diff(chunked, tiny(tokens)) < 1e-5
 
 
+def test_generate_repeats_share_the_prefill_and_sample_like_repeated_prompts(tiny):
+    tokens = random_tokens()[:, :10]  # (B, 10)
+
+    def sample(prompts, **options):
+        generator = torch.Generator().manual_seed(0)
+        return generate(tiny, prompts, 6, temperature=1.0, generator=generator, **options)
+
+    shared = sample(tokens, repeats=3)  # one prefill per prompt, its cache rows repeated
+    repeated = sample(tokens.repeat_interleave(3, 0), use_cache=False)  # full forwards each step
+    assert shared.shape == (3 * tokens.shape[0], 16)
+    assert torch.equal(shared, repeated)
+    assert not torch.equal(shared[0], shared[1])  # a prompt's samples differ
+
+
 def test_repeated_cache_rows_continue_each_prompt(tiny):
     # each cached row continued by 3 rows of its own: the same as 3 full forwards of that row
     tokens = random_tokens()  # (B, T)

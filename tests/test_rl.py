@@ -48,9 +48,9 @@ def rl_data(reward=good_first):
 
 
 def test_through_eos_keeps_the_first_end_and_drops_the_repeats():
-    assert train.through_eos([3, 5, EOS, EOS, EOS], (EOS,)) == [3, 5, EOS]
-    assert train.through_eos([3, 5, 6], (EOS,)) == [3, 5, 6]
-    assert train.through_eos([3, 5, 6], ()) == [3, 5, 6]
+    assert tasks.through_eos([3, 5, EOS, EOS, EOS], (EOS,)) == [3, 5, EOS]
+    assert tasks.through_eos([3, 5, 6], (EOS,)) == [3, 5, 6]
+    assert tasks.through_eos([3, 5, 6], ()) == [3, 5, 6]
 
 
 def test_group_advantages_are_normalised_within_each_group():
@@ -291,3 +291,42 @@ def test_arithmetic_reward_checks_the_last_integer_against_the_sum():
         task.reward(byte.encode("What is 1 + 1?"), byte.encode("2"))
     held_out = set(task.id_problems) | set(task.transfer_problems)
     assert not held_out & set(task.train_problems)
+
+
+class BigramModel(torch.nn.Module):
+    """Greedy decoding's answer known by hand: the next token is table[last token] (or 0)."""
+
+    def __init__(self, table, vocab=256):
+        super().__init__()
+        self.table, self.vocab = table, vocab
+
+    def new_cache(self):
+        return None  # generate feeds only the new token each step, which is all this reads
+
+    def forward(self, tokens, cache=None, at=None):
+        nxt = torch.tensor([[self.table.get(t, 0) for t in row] for row in tokens.tolist()])
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float()  # (B, T, vocab)
+        return logits[at] if at is not None else logits
+
+
+def test_complete_keeps_each_prompts_repeats_in_order_and_stops_at_the_end_id():
+    model = BigramModel({t: t + 1 for t in range(20)}, vocab=32)
+    prompts = [[1, 2], [5], [3, 9]]  # two lengths: two batches, then back in prompt order
+    out = tasks.complete(model, prompts, max_new_tokens=3, eos_ids=(12,), repeats=2,
+                         batch_size=1)
+    assert out == [[3, 4, 5], [3, 4, 5], [6, 7, 8], [6, 7, 8], [10, 11, 12], [10, 11, 12]]
+    assert tasks.without_eos(out[4], (12,)) == [10, 11] and tasks.without_eos([3], (12,)) == [3]
+
+
+def test_arithmetic_eval_sets_score_the_greedy_completion_by_its_last_integer():
+    byte = ByteTokenizer()
+    task = tasks.ArithmeticTask(seed=0, n_train=20, n_eval=30)
+    # every plain-text prompt ends in "\nA:": the model then writes " 9\n\n..." (32 bytes)
+    model = BigramModel({ord(":"): ord(" "), ord(" "): ord("9"), ord("9"): ord("\n"),
+                         ord("\n"): ord("\n")})
+    for name, problems in (("in_distribution", task.id_problems),
+                           ("oocr", task.transfer_problems)):
+        eval_set = task.eval_sets(byte)[name]
+        want = sum(a + b == 9 for a, b in problems) / len(problems)  # by hand
+        assert 0 < want < 1
+        assert tasks.evaluate(model, {name: eval_set}, batch_size=7) == {name: want}
