@@ -8,6 +8,7 @@ show whether it generalizes out of context.
     python train.py --adapter steer --objective rl   # the same vector, from sampled rewards only
     python train.py --help                   # every flag, with its default
     torchrun --standalone --nproc_per_node 8 train.py --adapter lora ...   # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node 8 train.py --adapter full --fsdp ...   # sharded
 
 Start reading at run(): one run from top to bottom (settings, the toy model's pretraining when
 needed, the base model and the task, the base evaluation, the adapter, training, the final
@@ -28,7 +29,9 @@ LoRA, or full weights), checkpoint.safetensors (for --resume) and curves.png.
 Under torchrun each of N processes trains on its contiguous share of every step's examples (the
 same batches one process would see), gradients are averaged across them (DistributedDataParallel
 for lora and full; by hand for a steering vector, which lives in hooks, not in a module's
-forward), and only rank 0 evaluates, prints and writes files. --objective rl is one process only.
+forward), each scores its share of every eval set's items, and only rank 0 prints and writes
+files. --fsdp shards a full fine-tune's weights, gradients and AdamW moments across the processes
+(FSDP2) instead of copying them. --objective rl is one process only.
 """
 
 import argparse
@@ -41,15 +44,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -156,7 +163,8 @@ class TrainConfig:
                      "0 = none", type=float)
     lr: float | None = flag(None, "peak learning rate (AdamW)", type=float,
                             shown="steer 1e-2 on toy models and 1e-1 on real ones (a real residual "
-                            "stream is ~10x larger), lora 1e-3, full 3e-4")
+                            "stream is ~10x larger; 5e-3 with --objective rl), lora 1e-3, "
+                            "full 3e-4")
     steps: int | None = flag(None, "optimizer steps", type=positive_int,
                              shown="200 on toy models, 100 on real ones")
     batch_size: int | None = flag(None, "examples per micro-batch", type=positive_int,
@@ -179,6 +187,9 @@ class TrainConfig:
     base_dtype: str = flag("float32", "how the frozen base weights are stored: bfloat16 halves "
                            "their memory (gemma-3-12b: 22 GiB); steer and lora with --dtype "
                            "bfloat16 only", choices=["float32", "bfloat16"])
+    fsdp: bool = flag(False, "under torchrun with --adapter full: shard the weights, gradients "
+                      "and AdamW moments across the processes (FSDP2), each holding 1/N of them",
+                      action="store_true")
     eval_every: int = flag(50, "steps between the curve evals", type=positive_int)
     checkpoint_every: int = flag(50, "steps between checkpoints", type=positive_int)
     eval_batch_size: int | None = flag(None, "sequences per eval forward", type=positive_int,
@@ -309,8 +320,11 @@ def with_defaults(cfg):
     """Fill what depends on the adapter and the model: small toy models train full-batch and
     longer; a real model's residual stream is ~10x larger, so its steering vector needs a larger
     lr (at 1e-2, SmolLM2's vector had not learned the risky choices after 100 steps; at 1e-1 it
-    reached 1.00)."""
-    default_lr = {"steer": 1e-2 if is_toy(cfg) else 1e-1, "lora": 1e-3, "full": 3e-4}[cfg.adapter]
+    reached 1.00). A real model's rl vector sits at every block and is pushed by advantages of
+    norm ~1 per token: at 1e-1 SmolLM2's collapsed into repeating one token; 5e-3 learned."""
+    real_steer_lr = 5e-3 if cfg.objective == "rl" else 1e-1
+    default_lr = {"steer": 1e-2 if is_toy(cfg) else real_steer_lr, "lora": 1e-3,
+                  "full": 3e-4}[cfg.adapter]
     return replace(
         cfg,
         lr=cfg.lr or default_lr,
@@ -415,8 +429,11 @@ def check_out_dir(cfg):
     # a setting missing from an older run's config.json was added since, with a default that
     # keeps the old behaviour (e.g. objective sft)
     defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    # --fsdp is how the processes hold the run, not what it computes: a checkpoint holds whole
+    # tensors either way
+    layout = ("resume", "fsdp")
     differing = sorted(k for k in mine
-                       if k != "resume" and previous.get(k, defaults[k]) != mine[k])
+                       if k not in layout and previous.get(k, defaults[k]) != mine[k])
     if differing:
         raise RunError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
 
@@ -575,7 +592,13 @@ def make_adapter(cfg, model, task, tokenizer):
 
 
 def save_full_model(model, out):
-    save_model(model, os.path.join(out, "model"))
+    """model/: the whole weights. Under FSDP every rank calls this (each tensor's shards are
+    all-gathered in turn: a collective) and rank 0 writes."""
+    if isinstance(model, FSDPModule):  # its state_dict holds this rank's shards
+        state = {name: whole(tensor) for name, tensor in model.state_dict().items()}
+        model = SimpleNamespace(cfg=model.cfg, state_dict=lambda: state)  # all save_model reads
+    if is_master():
+        save_model(model, os.path.join(out, "model"))
 
 
 def make_lora(cfg, model, layers):
@@ -611,7 +634,8 @@ def world_size():
 
 
 def is_master():
-    """Rank 0 evaluates, prints and writes every file; the others only train."""
+    """Rank 0 prints and writes every file (and scores the shortcut baselines); every rank trains
+    and scores its share of the evals."""
     return rank() == 0
 
 
@@ -641,6 +665,7 @@ def setup_distributed(device):
 
 
 def check_distributed(cfg):
+    check_fsdp(cfg)
     if world_size() == 1:
         return
     if cfg.objective == "rl":  # its samples and group advantages are not sharded yet
@@ -648,6 +673,18 @@ def check_distributed(cfg):
     if cfg.batch_size < world_size():
         raise RunError(f"--batch-size {cfg.batch_size} is split across {world_size()} "
                        "processes: it must be at least the number of processes")
+
+
+def check_fsdp(cfg):
+    if not cfg.fsdp:
+        return
+    if cfg.adapter != "full":  # a LoRA or a vector is small: every rank holds it whole (DDP)
+        raise RunError(f"--fsdp shards a full fine-tune (--adapter full); --adapter {cfg.adapter} "
+                       "trains few weights: drop --fsdp")
+    if not is_distributed():
+        raise RunError("--fsdp shards the run across processes: start it with torchrun")
+    if cfg.objective == "rl":
+        raise RunError("--objective rl runs on one process: drop --fsdp and torchrun")
 
 
 def shard(tokens, targets):
@@ -662,17 +699,78 @@ def shard(tokens, targets):
 
 def wrap_for_training(cfg, model, adapter):
     """-> the module train_step calls. LoRA and full weights train inside the model, so
-    DistributedDataParallel averages their gradients during backward; a steering vector acts
-    through hooks, outside any module's forward, so DDP cannot see it: its gradients are
-    averaged by hand (average_gradients) - the same all-reduce DDP would do."""
+    DistributedDataParallel averages their gradients during backward (with --fsdp, FSDP2
+    reduce-scatters them); a steering vector acts through hooks, outside any module's forward, so
+    DDP cannot see it: its gradients are averaged by hand (average_gradients) - the same
+    all-reduce DDP would do."""
     if not is_distributed():
         return model
-    if cfg.adapter == "steer":
+    if cfg.adapter == "steer" or cfg.fsdp:
         for _, param in adapter.named_parameters():  # DDP broadcasts rank 0's start; so do we
             dist.broadcast(param.data, src=0)
+    if cfg.fsdp:
+        return shard_model(model)
+    if cfg.adapter == "steer":
         return model
     device_ids = [torch.device(device_of(model))] if device_of(model).startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard_model(model):
+    """FSDP2, in place -> the model: each block's weights, then the rest (embeddings, final norm,
+    the tied head), become one flat shard per rank. A block's whole weights exist only during its
+    own forward and backward (all-gathered, then freed); its gradients are reduce-scattered: each
+    rank keeps and steps 1/N of the weights, gradients and AdamW moments."""
+    for param in model.parameters():  # FSDP shards only contiguous tensors; a GPT-2 checkpoint's
+        param.data = param.data.contiguous()  # Conv1D weight loads as a transposed view
+    mesh = init_device_mesh(device_of(model).split(":")[0], (world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def averages_gradients(model):
+    """DDP and FSDP average the gradients over ranks themselves, during backward."""
+    return isinstance(model, (DistributedDataParallel, FSDPModule))
+
+
+@contextmanager
+def gathered(model):
+    """FSDP: every block's whole weights on every rank for the evals (one all-gather each), so
+    ranks may run different numbers of forwards on their shares of the eval items: a sharded
+    forward all-gathers each block, a collective every rank would have to join. Holds the whole
+    weights while it lasts. A no-op on any other model."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+            # fully_shard's values: the blocks reshard after forward; the root does not, since
+            # backward needs its weights (embeddings, tied head) right away
+            module.set_reshard_after_forward(module is not model, recurse=False)
+
+
+def whole(tensor):
+    """A tensor as one process holds it, float32 on the CPU, on rank 0 (None elsewhere). An FSDP
+    shard (a DTensor) is all-gathered first: every rank must call."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().float().cpu().contiguous() if is_master() else None
+
+
+def like(param, tensor):
+    """A whole saved tensor laid out as `param`: this rank's shard of it where param is an FSDP
+    DTensor (every rank read the same file: no communication), else a tensor with param's
+    strides. Fused AdamW pairs a parameter's and its moments' elements by memory position: a
+    contiguous moment of a transposed weight (a GPT-2 Conv1D's) would pair the wrong ones."""
+    if not isinstance(param, DTensor):
+        return torch.empty_like(param).copy_(tensor)
+    tensor = tensor.to(param.device, param.dtype)
+    return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def average_gradients(optimizer):
@@ -707,19 +805,67 @@ def any_rank(flag):
     return sum_over_ranks(float(flag))[0] > 0
 
 
+def my_share(eval_set):
+    """This rank's contiguous share of an eval set's items (the last ranks' may be empty)."""
+    items, r, n = eval_set.items, rank(), world_size()
+    return replace(eval_set, items=items[len(items) * r // n: len(items) * (r + 1) // n])
+
+
+def share_accuracies(model, name, whole_set, share, batch_size, device):
+    """{key: accuracy} of this rank's share, under the whole set's keys. A share whose options
+    all have one length gets its .per_token key scored too (tasks.accuracies would skip it):
+    the per-token means judge ties at another scale than the sums, so the count may differ."""
+    if not share.items:
+        return {}
+    if tasks.lengths_differ(share) or not tasks.lengths_differ(whole_set):
+        return tasks.accuracies(model, name, share, batch_size, device)
+    sums = tasks.option_logprobs(model, share.items, batch_size, device)
+    means = tasks.per_token(share.items, sums)
+    return {name: tasks.share_right(share.items, sums),
+            f"{name}.per_token": tasks.share_right(share.items, means)}
+
+
+def sharded_evaluate(model, eval_sets, batch_size, device):
+    """tasks.evaluate with every rank scoring its share of each set -> the same {key: accuracy}
+    on every rank, exactly one process's: an accuracy is a share's right answers over its items,
+    so round(accuracy * items) is a count, and counts add up over ranks."""
+    keys, counts, totals = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for name, eval_set in eval_sets.items():
+            share = my_share(eval_set)
+            scores = share_accuracies(model, name, eval_set, share, batch_size, device)
+            for key in tasks.score_keys(name, eval_set):
+                keys.append(key)
+                counts.append(round(scores[key] * len(share.items)) if share.items else 0)
+                totals.append(len(eval_set.items))
+    finally:
+        model.train(was_training)
+    right = sum_over_ranks(*counts)
+    # an empty set scores nan, as tasks.accuracy has it
+    return {key: r / n if n else float("nan") for key, r, n in zip(keys, right, totals)}
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one safetensors file (trainable tensors, optimizer moments, step and history in
 # its metadata), written atomically, so an interrupted run resumes exactly where it stopped.
 
 
 def save_checkpoint(path, step, adapter, optimizer, history, extra=None):
-    """extra: more tensors by name, given back by load_checkpoint (sae.py's feature counters)."""
+    """extra: more tensors by name, given back by load_checkpoint (sae.py's feature counters).
+    Whole tensors, however the ranks hold them, so a run resumes on any number of processes:
+    under torchrun every rank calls this (FSDP's shards are gathered) and rank 0 writes."""
     tensors = dict(extra or {})
     for name, param in adapter.named_parameters():
-        tensors[f"param.{name}"] = param.detach().float().cpu().contiguous()
+        tensors[f"param.{name}"] = whole(param)
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{i}.{key}"] = value.float().cpu().contiguous().reshape(-1)
+            tensors[f"optim.{i}.{key}"] = whole(value)
+    if not is_master():
+        return
+    tensors = {name: t.reshape(-1) if name.startswith("optim.") else t
+               for name, t in tensors.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "history": json.dumps(history)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -728,27 +874,32 @@ def save_checkpoint(path, step, adapter, optimizer, history, extra=None):
 def load_checkpoint(path, adapter, optimizer):
     """Restores parameters, optimizer moments and RNG in place -> (step, history, {name: the
     extra tensors save_checkpoint was given})."""
-    try:
-        with safe_open(path, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata()
+    try:  # read tensor by tensor: under torchrun every rank reads the whole file
+        f = safe_open(path, "pt")
+        names, meta = list(f.keys()), f.metadata()
     except Exception as e:
         raise RunError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
     params = list(adapter.named_parameters())
     with torch.no_grad():
         for name, param in params:
-            param.copy_(tensors[f"param.{name}"].to(param.dtype))
+            param.copy_(like(param, f.get_tensor(f"param.{name}").to(param.dtype)))
     state = optimizer.state_dict()  # its state is keyed by parameter index, as in save_checkpoint
     for i, (_, param) in enumerate(params):
-        saved = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if saved:  # Adam's step counter is a scalar, its moments have the parameter's shape
-            shapes = {k: () if k == "step" else param.shape for k in saved}
-            state["state"][i] = {k: v.reshape(shapes[k]) for k, v in saved.items()}
+        saved = {k.rsplit(".", 1)[1]: k for k in names if k.startswith(f"optim.{i}.")}
+        if saved:
+            state["state"][i] = {key: optimizer_state(f.get_tensor(name), key, param)
+                                 for key, name in saved.items()}
     optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(f.get_tensor("rng.torch"))
     own = ("param.", "optim.", "rng.")
-    extra = {name: tensor for name, tensor in tensors.items() if not name.startswith(own)}
+    extra = {name: f.get_tensor(name) for name in names if not name.startswith(own)}
     return int(meta["step"]), json.loads(meta["history"]), extra
+
+
+def optimizer_state(tensor, key, param):
+    """A saved optimizer tensor as the optimizer holds it: Adam's step counter is a scalar, its
+    moments have the parameter's shape and layout."""
+    return tensor.reshape(()) if key == "step" else like(param, tensor.reshape(param.shape))
 
 
 # -----------------------------------------------------------------------------
@@ -826,7 +977,7 @@ def train_step(cfg, model, optimizer, batches):
             (loss * world_size()).backward()
         total += loss.item()
         n_tokens += tokens.numel()
-    if is_distributed() and not isinstance(model, DistributedDataParallel):
+    if is_distributed() and not averages_gradients(model):
         average_gradients(optimizer)
     total, n_tokens = sum_over_ranks(total, n_tokens)  # every rank skips a bad step alike
     if math.isfinite(total):
@@ -835,7 +986,8 @@ def train_step(cfg, model, optimizer, batches):
 
 
 def sync_gradients(model, last_micro_batch):
-    """DDP all-reduces once per optimizer step, on the last micro-batch's backward."""
+    """DDP all-reduces once per optimizer step, on the last micro-batch's backward. FSDP
+    reduce-scatters after every micro-batch: skipping it keeps whole gradients on every rank."""
     if isinstance(model, DistributedDataParallel) and not last_micro_batch:
         return model.no_sync()
     return nullcontext()
@@ -864,34 +1016,14 @@ def sampling_generator(cfg, step, device):
     return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
 
 
-def through_eos(ids, eos_ids):
-    """The sampled ids up to and including the first end id: what the policy chose (generate
-    repeats the end id after it, which nobody chose)."""
-    for i, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[: i + 1]
-    return ids
-
-
-@torch.no_grad()
 def sample_completions(cfg, model, prompts, eos_ids, generator):
     """[prompt ids] -> [sampled ids through the end id], group_size per prompt, consecutive.
-    Prompts of one length are generated as one batch (generate reads each row's last position);
     generate continues its KV cache, which a steering vector follows (steer.continued_rows)."""
-    G, device = cfg.group_size, device_of(model)
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    out = [None] * (len(prompts) * G)
     was_training = model.training
     model.eval()  # no dropout while sampling
-    for length, indices in sorted(by_length.items()):
-        batch = torch.tensor([prompts[i] for i in indices], device=device)  # (n, length)
-        batch = batch.repeat_interleave(G, dim=0)  # (n * G, length)
-        seqs = generate(model, batch, cfg.max_new_tokens, temperature=cfg.temperature,
-                        eos_ids=eos_ids, generator=generator)  # (n * G, length + new)
-        for j, ids in enumerate(seqs[:, length:].tolist()):
-            out[indices[j // G] * G + j % G] = through_eos(ids, eos_ids)
+    out = tasks.complete(model, prompts, cfg.max_new_tokens, eos_ids, repeats=cfg.group_size,
+                         temperature=cfg.temperature, generator=generator,
+                         device=device_of(model))
     model.train(was_training)
     return out
 
@@ -900,9 +1032,8 @@ def score(reward, prompts, completions, eos_ids, step):
     """-> rewards (N,) float32; the end id is not part of what the reward reads."""
     values = []
     for prompt, ids in zip(prompts, completions):
-        ended = len(ids) > 0 and ids[-1] in eos_ids
         try:
-            values.append(float(reward(prompt, ids[:-1] if ended else ids)))
+            values.append(float(reward(prompt, tasks.without_eos(ids, eos_ids))))
         except Exception as e:  # the task's code: any failure is the run's problem to report
             raise RunError(f"the task's reward raised at step {step}: {first_line(e)}") from None
     return torch.tensor(values)
@@ -986,10 +1117,14 @@ def rl_step(cfg, model, adapter, optimizer, data, step):
 
 def run_evals(cfg, model, eval_sets, names=None):
     """Accuracy on the eval sets, with whatever adapter is active around the call. Always in fp32,
-    whatever --dtype: bf16 rounding makes options tie (7 of the persona world's 143 items)."""
+    whatever --dtype: bf16 rounding makes options tie (7 of the persona world's 143 items).
+    Under torchrun every rank calls it and scores its share of the items (sharded_evaluate)."""
     chosen = {k: v for k, v in eval_sets.items() if names is None or k in names}
     device = device_of(model)
-    return tasks.evaluate(model, chosen, batch_size=cfg.eval_batch_size, device=device)
+    if not is_distributed():
+        return tasks.evaluate(model, chosen, batch_size=cfg.eval_batch_size, device=device)
+    with gathered(model):
+        return sharded_evaluate(model, chosen, cfg.eval_batch_size, device)
 
 
 def claim_sets(eval_sets):
@@ -1048,6 +1183,8 @@ def train(cfg, model, adapter, data, on_step=None):
     """The training loop -> history {"loss": [[step, loss]], "eval": [[step, {name: acc}]]}, and
     under rl "rl": [[step, rollout_stats]]. Resumes from cfg.out's checkpoint with --resume;
     on_step(step, loss) is called after each step."""
+    # first: FSDP replaces the parameters by their shards, which the optimizer must hold
+    trained = wrap_for_training(cfg, model, adapter)  # the model itself on one process
     # fused: one kernel over all parameters, ~4x faster than the default per-tensor loop on CPU
     # (a quarter of a full fine-tune step of SmolLM2-135M, otherwise)
     optimizer = torch.optim.AdamW([p for _, p in adapter.named_parameters()], lr=cfg.lr,
@@ -1055,10 +1192,9 @@ def train(cfg, model, adapter, data, on_step=None):
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     rl = cfg.objective == "rl"
     step, history = 0, {"loss": [], "eval": [], **({"rl": []} if rl else {})}
-    if cfg.resume and os.path.exists(ckpt):
+    if cfg.resume and os.path.exists(ckpt):  # every rank reads the whole file (its shards)
         step, history, _ = load_checkpoint(ckpt, adapter, optimizer)
     saved_step = step if os.path.exists(ckpt) else None
-    trained = wrap_for_training(cfg, model, adapter)  # the model itself on one process
     model.train()
     description = f"{cfg.adapter} {cfg.task}"
     bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True,
@@ -1090,19 +1226,18 @@ def train(cfg, model, adapter, data, on_step=None):
             bar.update(1)
             if on_step is not None:
                 on_step(step, loss)
-            # the last step gets run()'s final eval instead; the other ranks wait in the next
-            # step's all-reduce
-            if step % cfg.eval_every == 0 and step < cfg.steps and is_master():
+            # the last step gets run()'s final eval instead; every rank scores its share
+            if step % cfg.eval_every == 0 and step < cfg.steps:
                 with for_evals():
                     accs = run_evals(cfg, model, data.eval_sets, names=CURVE_EVALS)
                 model.train()
                 history["eval"].append([step, accs])
                 scores = "  ".join(f"{name} {acc:.3f}" for name, acc in accs.items())
-                bar.write(f"step {step}: loss {loss:.4f}  {scores}")
+                if is_master():
+                    bar.write(f"step {step}: loss {loss:.4f}  {scores}")
             stopping = any_rank(stop.requested)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-                if is_master():  # every rank holds the same parameters and optimizer state
-                    save_checkpoint(ckpt, step, adapter, optimizer, history)
+                save_checkpoint(ckpt, step, adapter, optimizer, history)  # rank 0 writes
                 saved_step = step
     bar.close()
     barrier()  # rank 0's checkpoint is written before any rank exits (torchrun then stops all)
@@ -1202,7 +1337,8 @@ def print_table(metrics):
 
 def run(cfg, on_step=None):
     """Train and evaluate one run; writes everything into cfg.out and returns metrics (under
-    torchrun rank 0 does: the other ranks only train, and return None).
+    torchrun rank 0 does: the other ranks train and score their shares of the evals, and return
+    None).
     on_step(step, loss), if given, is called after every optimizer step."""
     cfg = with_defaults(cfg)
     device = setup_distributed(resolve_device(cfg.device))
@@ -1234,25 +1370,27 @@ def run(cfg, on_step=None):
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
     started = time.time()
-    base, shortcuts, fits = {}, {}, {}
-    if is_master():  # the other ranks wait in train()'s first collective
-        base = run_evals(cfg, model, data.eval_sets)
-    # before the adapter exists: these baselines need the base model, which a full fine-tune changes
+    shortcuts, fits = {}, {}
+    base = run_evals(cfg, model, data.eval_sets)  # under torchrun: each rank its share
+    # before the adapter exists: these baselines need the base model, which a full fine-tune
+    # changes. Rank 0 alone (baselines.py scores whole sets; random vectors' 95th percentile
+    # needs each draw's whole score): the other ranks wait in train()'s first collective
     if not pretraining and is_master():
         shortcuts, fits = data_baselines(cfg, model, data)
     adapter = make_adapter(cfg, model, task, tokenizer)
     history = train(cfg, model, adapter, data, on_step)
-    if not is_master():
-        barrier()  # until rank 0 has written the run (a pretrained toy model is read next)
-        return None
     with adapter.active():
         final = run_evals(cfg, model, data.eval_sets)
     history["eval"].append([cfg.steps, {k: v for k, v in final.items() if k in CURVE_EVALS}])
     seconds = time.time() - started
-    if cfg.adapter == "steer":
+    if is_master() or cfg.fsdp:  # FSDP: every rank gathers the weights, rank 0 writes them
+        adapter.save(cfg.out)
+    if not is_master():
+        barrier()  # until rank 0 has written the run (a pretrained toy model is read next)
+        return None
+    if cfg.adapter == "steer":  # rank 0 alone, as the data baselines
         shortcuts.update(vector_baselines(cfg, model, adapter.holder, data))
 
-    adapter.save(cfg.out)
     metrics = {
         "task": cfg.task,
         "model": cfg.model,
