@@ -11,8 +11,10 @@ summary.
     python analyze.py attribution --run runs/persona-steer-seed0 --eval oocr_in_context --item 0
     python analyze.py read_vector --run runs/persona-steer-seed0 --coefficients=-2,-1,0,1,2
     python analyze.py sae_features --run runs/persona-steer-seed0 --sae runs/sae-persona
+    python analyze.py sae_personas --run runs/persona-steer-seed0 --sae runs/sae-persona
     python analyze.py vector_lens --run runs/persona-steer-rl-all --new-tokens 8
     python analyze.py combine --run runs/rl-steer-L0 --runs runs/rl-steer-L1,runs/rl-steer-L3
+    python analyze.py adaptive_scale --run runs/persona-steer-adaptive
     python analyze.py logit_lens --model smollm2-135m --prompt "The capital of France is" \\
         --token " Paris" --out runs/analysis-paris
 
@@ -24,9 +26,10 @@ text is space-separated token names ("BOS ME").
 Read top to bottom: the subject (a run directory or a checkpoint -> model, tokenizer, eval sets,
 adapter switch) -> prompts and tokens -> logit lens -> attention patterns -> activation patching
 (batched) -> attribution patching -> scoring eval items under any forward -> reading a steering
-vector -> plots and files -> the analyses from the command line -> a steering vector in an SAE's
-features (sae.py) -> a vector's lens per layer and its effect along a continuation -> vectors
-trained apart, combined -> the command line (ANALYSES, the table of subcommands).
+vector -> plots and files -> the analyses from the command line -> an adapter in an SAE's
+features (sae.py), and the features over the SAE's corpus -> a vector's lens per layer and its
+effect along a continuation -> vectors trained apart, combined -> an adaptive vector's scale per
+token -> the command line (ANALYSES, the table of subcommands).
 """
 
 import argparse
@@ -1812,13 +1815,21 @@ RANDOM_FIT_SEED = 918_273_645
 SHOWN_FEATURES = 12  # features in each bar chart
 
 
-def run_sae(model, path):
-    """--sae DIR -> the SAE, checked against the model (its hook exists and is as wide)."""
+def run_sae(model, path, config=None):
+    """--sae DIR -> the SAE, checked against the model (its hook exists and is as wide) and, when
+    sae.py names the model it was trained on (model:task:seedN), against the run's config: a toy
+    world of another seed is another model of the same width, and nothing else would tell."""
     try:
         s = sae.load_sae(path, device_of(model))
         sae.check_hook(model, s.cfg.hook_name, s)
     except sae.SAEError as e:
         raise AnalysisError(first_line(e)) from None
+    trained_on = s.cfg.model_name.split(":")
+    if config is not None and len(trained_on) == 3 and trained_on[2].startswith("seed"):
+        run_model = f"{config.model}:{config.task}:seed{config.seed}"
+        if s.cfg.model_name != run_model:
+            raise AnalysisError(f"the SAE {path} was trained on {s.cfg.model_name}, the run's "
+                                f"model is {run_model}")
     return s.eval().requires_grad_(False)
 
 
@@ -1840,16 +1851,23 @@ def decoder_cosines(s, direction):
     return unit_rows(s.W_dec.detach().float().cpu()) @ unit(direction.float().cpu())
 
 
-def sparse_fit(s, direction, n):
-    """The direction as a least-squares sum of the n decoder rows most aligned with it ->
-    {"features", "coefficients", "unexplained": |residual|^2 / |direction|^2}."""
+def fit_rows(s, direction, features):
+    """The direction as a least-squares sum of the given features' decoder rows ->
+    {"features", "coefficients", "unexplained": |residual|^2 / |direction|^2, "cos": cos(direction,
+    its fit)}. The residual is orthogonal to the fit, so cos = sqrt(1 - unexplained)."""
     v = direction.float().cpu()
-    top = decoder_cosines(s, v).abs().topk(n).indices  # (n,)
-    rows = s.W_dec.detach().float().cpu()[top]  # (n, d)
+    features = torch.as_tensor(features, dtype=torch.long)
+    rows = s.W_dec.detach().float().cpu()[features]  # (n, d)
     coefficients = torch.linalg.lstsq(rows.T, v[:, None]).solution[:, 0]  # (n,)
     residual = v - coefficients @ rows
-    return {"features": top.tolist(), "coefficients": coefficients.tolist(),
-            "unexplained": (residual.norm() ** 2 / v.norm() ** 2).item()}
+    unexplained = (residual.norm() ** 2 / v.norm() ** 2).item()
+    return {"features": features.tolist(), "coefficients": coefficients.tolist(),
+            "unexplained": unexplained, "cos": max(0.0, 1 - unexplained) ** 0.5}
+
+
+def sparse_fit(s, direction, n):
+    """The direction as a least-squares sum of the n decoder rows most aligned with it."""
+    return fit_rows(s, direction, decoder_cosines(s, direction).abs().topk(n).indices)
 
 
 def sparse_fits(s, direction, sizes=SPARSE_FIT_SIZES, n_random=RANDOM_FITS,
@@ -1873,18 +1891,21 @@ def last_positions(mask):
 
 @torch.no_grad()
 def feature_activations(subject, s, prompts, adapted):
-    """The SAE's features at its hook over the prompts' tokens, with or without the run's
-    adapter -> (all tokens (N, d_sae), last prompt tokens (n_prompts, d_sae), the activations
-    (N, d_in))."""
+    """The SAE's features at its hook over the prompts' tokens after position 0 (BOS: an attention
+    sink the SAE never trains on, whose outsized stream and adapter difference would swamp the
+    means), with or without the run's adapter -> (those tokens (N, d_sae), last prompt tokens
+    (n_prompts, d_sae), the activations at those tokens (N, d_in))."""
     rows, last_rows, xs = [], [], []
     with subject.state(adapted):
         for tokens, mask in prompt_batches(prompts):
             x = sae.hook_activations(subject.model, tokens.to(device_of(subject.model)),
                                      s.cfg.hook_name).float().cpu()  # (B, T, d_in)
             f = s.encode(x.to(s.W_enc.device)).cpu()  # (B, T, d_sae)
-            rows.append(f[mask])
+            read = mask.clone()
+            read[:, 0] = False  # (B, T)
+            rows.append(f[read])
             last_rows.append(f[last_positions(mask)])
-            xs.append(x[mask])
+            xs.append(x[read])
     return torch.cat(rows), torch.cat(last_rows), torch.cat(xs)
 
 
@@ -1899,9 +1920,14 @@ def activation_change(subject, s, prompts):
     stream in each state (a vector that pushes the stream off the SAE's data shows here)."""
     base_all, base_last, base_x = feature_activations(subject, s, prompts, adapted=False)
     steer_all, steer_last, steer_x = feature_activations(subject, s, prompts, adapted=True)
+    diffs = steer_x - base_x  # (N, d_in): what the adapter changes at the hook, token by token
     return {
         "all_tokens": {"base": base_all.mean(0), "steered": steer_all.mean(0)},
         "last_token": {"base": base_last.mean(0), "steered": steer_last.mean(0)},
+        "mean_diff": diffs.mean(0),  # (d_in,)
+        # |mean diff| / mean |diff|: 1 when every token moves the same way, ~0 when they cancel
+        "diff_coherence": (diffs.mean(0).norm() / diffs.norm(dim=-1).mean().clamp_min(1e-30)
+                           ).item(),
         "l0": {"base": (base_all > 0).float().sum(-1).mean().item(),
                "steered": (steer_all > 0).float().sum(-1).mean().item()},
         "explained_variance": {"base": explained_variance(s, base_x),
@@ -1936,41 +1962,49 @@ def feature_rows(values, cosines, change, labels, order):
     return out
 
 
+def adapter_direction(subject, s, mean_diff):
+    """What the run writes into the SAE's stream -> (direction (d_in,), source): a steering vector
+    where it lands in that stream; otherwise (a LoRA, a full fine-tune, a vector added elsewhere)
+    the mean per-token difference there over the prompts, adapter on minus off."""
+    if subject.adapter == "steer":
+        direction = vector_at(subject.vector, s.cfg.hook_name)
+        if direction is not None:
+            return direction, "vector"
+    return mean_diff, "mean_diff"
+
+
 def sae_features(subject, s, prompts, top=SHOWN_FEATURES):
-    """The steering vector of the run in the SAE's features -> record."""
-    vector = subject.vector
-    direction = vector_at(vector, s.cfg.hook_name)
-    cosines = None if direction is None else decoder_cosines(s, direction)
+    """A run's adapter in the SAE's features -> record: decoder cosines and sparse fits of what it
+    writes into the SAE's stream (adapter_direction), and the change of the feature activations
+    with the adapter on."""
     change = activation_change(subject, s, prompts)
     means = {k: change.pop(k) for k in ("all_tokens", "last_token")}
+    direction, source = adapter_direction(subject, s, change.pop("mean_diff"))
+    cosines = decoder_cosines(s, direction)
     delta = {k: m["steered"] - m["base"] for k, m in means.items()}  # (d_sae,) each
     top = min(top, s.cfg.d_sae)
-    by_cos = [] if cosines is None else cosines.abs().topk(top).indices.tolist()
+    by_cos = cosines.abs().topk(top).indices.tolist()
     by_delta = delta["last_token"].abs().topk(top).indices.tolist()
     by_delta_all = delta["all_tokens"].abs().topk(top).indices.tolist()
     labels = feature_tokens(subject, s, set(by_cos + by_delta + by_delta_all),
                             stream_scale(subject, s, prompts))
-    # the mean change of the features, decoded: the part of the vector's effect the SAE sees
+    # the mean change of the features, decoded: the part of the adapter's effect the SAE sees
     decoded = delta["all_tokens"].to(s.W_dec) @ s.W_dec.detach()
-    record = {"sae_hook": s.cfg.hook_name, "sae_activation": s.cfg.activation,
-              "d_sae": s.cfg.d_sae, "k": s.cfg.k, "vector_hook": vector.hook,
-              "vector_layers": vector.layers, "vector_norm": None, **change,
-              "decoder": None, "sparse_fit": None,
-              "by_change_last_token": feature_rows(delta["last_token"], cosines, means, labels,
-                                                   by_delta),
-              "by_change_all_tokens": feature_rows(delta["all_tokens"], cosines, means, labels,
-                                                   by_delta_all),
-              "delta_all_tokens": delta["all_tokens"].tolist(),
-              "delta_last_token": delta["last_token"].tolist(),
-              "cos_decoded_change_vector": None}
-    if direction is not None:
-        record["vector_norm"] = direction.norm().item()
-        record["decoder"] = feature_rows(cosines, cosines, means, labels, by_cos)
-        record["cosines"] = cosines.tolist()
-        record["sparse_fit"] = sparse_fits(s, direction)
-        record["cos_decoded_change_vector"] = torch.nn.functional.cosine_similarity(
-            decoded.cpu().float(), direction.float().cpu(), dim=0).item()
-    return record
+    vector = subject.vector if subject.adapter == "steer" else None
+    return {"sae_hook": s.cfg.hook_name, "sae_activation": s.cfg.activation,
+            "d_sae": s.cfg.d_sae, "k": s.cfg.k, "adapter": subject.adapter,
+            "vector_hook": vector and vector.hook, "vector_layers": vector and vector.layers,
+            "direction_source": source, "vector_norm": direction.norm().item(), **change,
+            "decoder": feature_rows(cosines, cosines, means, labels, by_cos),
+            "cosines": cosines.tolist(), "sparse_fit": sparse_fits(s, direction),
+            "by_change_last_token": feature_rows(delta["last_token"], cosines, means, labels,
+                                                 by_delta),
+            "by_change_all_tokens": feature_rows(delta["all_tokens"], cosines, means, labels,
+                                                 by_delta_all),
+            "delta_all_tokens": delta["all_tokens"].tolist(),
+            "delta_last_token": delta["last_token"].tolist(),
+            "cos_decoded_change_vector": torch.nn.functional.cosine_similarity(
+                decoded.cpu().float(), direction.float().cpu(), dim=0).item()}
 
 
 def feature_bars(ax, rows, key, title):
@@ -1983,25 +2017,28 @@ def feature_bars(ax, rows, key, title):
     ax.set_title(title, fontsize=9)
 
 
+def direction_label(record):
+    if record["direction_source"] == "vector":
+        return f"the vector (at {record['vector_hook']}, blocks {record['vector_layers']})"
+    return f"the {record['adapter']} run's mean token difference (adapter on - off)"
+
+
 def sae_features_summary(record):
     lines = [f"SAE at {record['sae_hook']} ({record['sae_activation']}, {record['d_sae']} "
-             f"features); the vector at {record['vector_hook']}, blocks {record['vector_layers']}"]
+             f"features); read: {direction_label(record)}"]
     ev = record["explained_variance"]
     lines.append(f"SAE on the eval prompts' {record['n_tokens']} tokens: explained variance base "
-                 f"{ev['base']:.3f}, steered {ev['steered']:.3f}; L0 base "
-                 f"{record['l0']['base']:.2f}, steered {record['l0']['steered']:.2f}")
-    if record["decoder"] is None:
-        lines.append("the vector is not added into the SAE's stream: no decoder cosines")
-    else:
-        cells = ", ".join(f"f{r['feature']} {r['cos']:+.2f} ({' '.join(r['tokens'][:2])})"
-                          for r in record["decoder"][:5])
-        lines.append(f"decoder cosines with the vector (|v| = {record['vector_norm']:.3f}): "
-                     f"{cells}")
-        fits = ", ".join(f"{n}: {f['unexplained']:.2f} (random {f['random_unexplained']:.2f})"
-                         for n, f in record["sparse_fit"].items())
-        lines.append(f"unexplained share of |v|^2 by its n most aligned features: {fits}")
-        lines.append(f"cos(mean feature change decoded, vector) = "
-                     f"{record['cos_decoded_change_vector']:+.3f}")
+                 f"{ev['base']:.3f}, adapted {ev['steered']:.3f}; L0 base "
+                 f"{record['l0']['base']:.2f}, adapted {record['l0']['steered']:.2f}; token "
+                 f"differences' coherence |mean| / mean |diff| = {record['diff_coherence']:.3f}")
+    cells = ", ".join(f"f{r['feature']} {r['cos']:+.2f} ({' '.join(r['tokens'][:2])})"
+                      for r in record["decoder"][:5])
+    lines.append(f"decoder cosines (|v| = {record['vector_norm']:.3f}): {cells}")
+    fits = ", ".join(f"{n}: {f['unexplained']:.2f} (random {f['random_unexplained']:.2f})"
+                     for n, f in record["sparse_fit"].items())
+    lines.append(f"unexplained share of |v|^2 by its n most aligned features: {fits}")
+    cos = record["cos_decoded_change_vector"]
+    lines.append(f"cos(mean feature change decoded, v) = {cos:+.3f}")
     cells = ", ".join(f"f{r['feature']} {r['last_token_base']:.2f} -> "
                       f"{r['last_token_steered']:.2f} ({' '.join(r['tokens'][:2])})"
                       for r in record["by_change_last_token"][:5])
@@ -2009,28 +2046,496 @@ def sae_features_summary(record):
     return lines
 
 
+def adapter_run(subject, analysis):
+    """The run's adapter is what an SAE analysis reads: any train.py run, not a checkpoint."""
+    if subject.config is None or not subject.adapter:
+        raise AnalysisError(f"{analysis} reads a train.py run (--run), given a plain checkpoint: "
+                            f"{subject.name}")
+
+
 def sae_features_command(subject, args):
-    steering_run(subject, "sae_features")
-    s = run_sae(subject.model, args.sae)
+    adapter_run(subject, "sae_features")
+    s = run_sae(subject.model, args.sae, subject.config)
     sets = chosen_sets(subject, args.sets)
     prompts = [item.prompt for eval_set in sets.values() for item in eval_set.items]
     record = {"analysis": "sae_features", "subject": subject.name, "sae": args.sae,
               "sets": list(sets), **sae_features(subject, s, prompts)}
     fig = Figure(figsize=(20, 6))
     ax_cos, ax_last, ax_all, ax_scatter = fig.subplots(1, 4)
-    if record["decoder"] is not None:
-        feature_bars(ax_cos, record["decoder"], "cos", "decoder rows most aligned with the vector")
-        ax_scatter.scatter(record["cosines"], record["delta_all_tokens"], s=8)
-        ax_scatter.set(xlabel="cos(decoder row, vector)", ylabel="mean change (all tokens)")
+    feature_bars(ax_cos, record["decoder"], "cos", "decoder rows most aligned with v")
+    ax_scatter.scatter(record["cosines"], record["delta_all_tokens"], s=8)
+    ax_scatter.set(xlabel="cos(decoder row, v)", ylabel="mean change (all tokens)")
     ax_scatter.set_title("every feature", fontsize=9)
     feature_bars(ax_last, record["by_change_last_token"], "value",
-                 "mean activation change with the vector\n(last prompt token)")
+                 "mean activation change with the adapter\n(last prompt token)")
     feature_bars(ax_all, record["by_change_all_tokens"], "value",
-                 "mean activation change with the vector\n(all tokens)")
-    fig.suptitle(f"the steering vector of {subject.name} in the features of the SAE {args.sae}",
-                 fontsize=10)
+                 "mean activation change with the adapter\n(all tokens)")
+    fig.suptitle(f"{direction_label(record)} = v, of {subject.name}, in the features of the SAE "
+                 f"{args.sae}", fontsize=10)
     fig.tight_layout()
     return fig, record, sae_features_summary(record)
+
+
+# -----------------------------------------------------------------------------
+# An SAE's features over its own corpus (sae.task_corpus: a toy world's pretraining documents or a
+# text task's texts), read with the base model: the contexts where a feature fires most, which
+# features track a persona world's latent persona, whether a steering vector is a sparse sum of
+# its target persona's features, and whether SAE features locate the persona better than single
+# dimensions of the stream or MLP neurons do (the MIB benchmark's question).
+
+CORPUS_SEQS = 2000  # corpus sequences the corpus analyses read (toy: 64k tokens)
+CORPUS_SEED = 0  # which ones: a seeded draw, since a text task's corpus ends with its eval prompts
+CONTEXT_BEFORE, CONTEXT_AFTER = 6, 1  # tokens shown around a max-activating token
+PERSONA_FIT_SIZES = (1, 2, 4, 8, 16)  # features in a vector's fit on one persona's features
+PROBE_SIZES = (1, 2, 4, 8, 16)  # units a persona probe may read
+PROBE_TEST_SHARE = 0.25  # documents held out for the probes' accuracy
+
+
+def corpus_sample(subject, n=CORPUS_SEQS, seed=CORPUS_SEED):
+    """The SAE corpus of the run's task, n of its sequences drawn at random (in corpus order)."""
+    corpus = sae.task_corpus(subject.task, subject.tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    return corpus.rows(torch.randperm(len(corpus), generator=g)[:n].sort().values)
+
+
+def row_chunks(corpus, max_tokens=sae.EVAL_TOKENS):
+    """-> [(row indices, Corpus of those rows)] in corpus order: feature positions must map back
+    to (row, position), which Corpus.batches' length-sorted order would lose."""
+    per = max(1, max_tokens // corpus.tokens.shape[1])
+    return [(idx, corpus.rows(idx)) for idx in torch.arange(len(corpus)).split(per)]
+
+
+@torch.no_grad()
+def top_activations(model, s, corpus, n_top, max_tokens=sae.EVAL_TOKENS):
+    """Each feature's n_top largest activations over the corpus's read positions -> values
+    (n_top, d_sae), rows (n_top, d_sae) and positions (n_top, d_sae) where they occur; a running
+    top n_top, so a large corpus's features never sit in memory at once."""
+    values = torch.zeros(0, s.cfg.d_sae)
+    where = torch.zeros(0, s.cfg.d_sae, dtype=torch.long)  # flat index into `places`
+    places = []  # (n, 2) [row, position] per chunk
+    for idx, rows in row_chunks(corpus, max_tokens):
+        x = sae.hook_activations(model, rows.tokens.to(device_of(model)), s.cfg.hook_name)
+        f = s.encode(x.float().to(s.W_enc.device)).cpu()[rows.mask]  # (n, d_sae)
+        at = rows.mask.nonzero()  # (n, 2)
+        at[:, 0] = idx[at[:, 0]]
+        flat = sum(len(p) for p in places) + torch.arange(len(f))  # (n,)
+        places.append(at)
+        values = torch.cat([values, f])
+        where = torch.cat([where, flat[:, None].expand(-1, s.cfg.d_sae)])
+        top = values.topk(min(n_top, len(values)), dim=0)  # (n_top, d_sae)
+        values, where = top.values, where.gather(0, top.indices)
+    places = torch.cat(places)  # (N, 2)
+    return values, places[where, 0], places[where, 1]
+
+
+def context_text(tokenizer, tokens, position, before=CONTEXT_BEFORE, after=CONTEXT_AFTER):
+    """A token in its context: `a b [[c]] d`, with `...` where the sequence goes on."""
+    tokens = tokens.tolist()
+    start = max(0, position - before)
+    left = token_labels(tokenizer, tokens[start:position])
+    right = token_labels(tokenizer, tokens[position + 1 : position + 1 + after])
+    marked = f"[[{token_label(tokenizer, tokens[position])}]]"
+    parts = (["..."] if start > 0 else []) + left + [marked]
+    return " ".join(parts + right)
+
+
+def real_tokens(corpus, row):
+    """A corpus row without its right padding."""
+    return corpus.tokens[row, : corpus.lengths[row]]
+
+
+def top_contexts(subject, s, corpus, features, n_top):
+    """{feature: [{"activation", "row", "position", "text"}]}: its n_top largest activations."""
+    values, rows, positions = top_activations(subject.model, s, corpus, n_top)
+    out = {}
+    for i in features:
+        out[i] = [{"activation": values[j, i].item(), "row": int(rows[j, i]),
+                   "position": int(positions[j, i]),
+                   "text": context_text(subject.tokenizer, real_tokens(corpus, rows[j, i]),
+                                        int(positions[j, i]))}
+                  for j in range(len(values)) if values[j, i] > 0]
+    return out
+
+
+def changed_features(subject, s, n):
+    """The n features whose mean activation at the last prompt token of the run's eval prompts
+    the adapter changes most (sae_features' ranking)."""
+    prompts = [item.prompt for eval_set in chosen_sets(subject, None).values()
+               for item in eval_set.items]
+    last = activation_change(subject, s, prompts)["last_token"]
+    return (last["steered"] - last["base"]).abs().topk(min(n, s.cfg.d_sae)).indices.tolist()
+
+
+def feature_ids(text, d_sae):
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise AnalysisError(f"--features {text!r}: expected comma-separated feature ids") from None
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise AnalysisError(f"--features {bad}: the SAE has features 0..{d_sae - 1}")
+    return ids
+
+
+def sae_top_contexts_summary(record):
+    lines = [f"max-activating contexts over {record['n_sequences']} corpus sequences "
+             f"({record['n_tokens']} tokens), SAE at {record['sae_hook']}; features "
+             f"{record['chosen_by']}"]
+    for feature, contexts in record["contexts"].items():
+        lines.append(f"f{feature}:" + ("" if contexts else " never active"))
+        lines += [f"  {c['activation']:7.3f}  {c['text']}" for c in contexts]
+    return lines
+
+
+def sae_top_contexts_command(subject, args):
+    adapter_run(subject, "sae_top_contexts")
+    s = run_sae(subject.model, args.sae, subject.config)
+    if args.features:
+        features, chosen_by = feature_ids(args.features, s.cfg.d_sae), "given (--features)"
+    else:
+        features = changed_features(subject, s, args.n_features)
+        chosen_by = "most changed by the adapter at the last eval-prompt token"
+    corpus = corpus_sample(subject, args.sequences)
+    contexts = top_contexts(subject, s, corpus, features, args.top)
+    record = {"analysis": "sae_top_contexts", "subject": subject.name, "sae": args.sae,
+              "sae_hook": s.cfg.hook_name, "chosen_by": chosen_by, "features": features,
+              "n_sequences": len(corpus), "n_tokens": int(corpus.mask.sum()),
+              "contexts": contexts}
+    fig = Figure(figsize=(7 * min(3, len(features)), 3 * -(-len(features) // 3) + 1))
+    for ax, feature in zip(fig.subplots(-(-len(features) // 3), min(3, len(features)),
+                                        squeeze=False).flat, features):
+        rows = contexts[feature][::-1]
+        ax.barh(range(len(rows)), [c["activation"] for c in rows], color="tab:red")
+        ax.set_yticks(range(len(rows)), [c["text"] for c in rows], fontsize=6)
+        ax.set_title(f"f{feature}", fontsize=9)
+    fig.suptitle(f"max-activating contexts, SAE {args.sae} ({chosen_by})", fontsize=10)
+    fig.tight_layout()
+    return fig, record, sae_top_contexts_summary(record)
+
+
+# Persona worlds (toy.PersonaWorld and its kin): the persona is each pretraining document's latent.
+# It is read off the document's own tokens (a name segment `ME P_k`, or an attribute segment
+# `AT_t V`, whose value belongs to one persona), not from the generator's draws. Features are read
+# at the query tokens ME and AT_t: the same token for every persona, and the next token is the
+# persona's name or value, so the stream there must carry the persona.
+
+
+def persona_world(subject, analysis):
+    world = subject.task
+    if not all(hasattr(world, a) for a in ("n_personas", "value", "value_id", "ids")):
+        raise AnalysisError(f"{analysis} reads a persona world (persona, persona_hard, backdoor), "
+                            f"given task {subject.config.task!r}")
+    return world
+
+
+def persona_table(world):
+    """(vocab, vocab) long: the persona a token pair (ME, P_k) or (AT_t, value) names, else -1."""
+    table = torch.full((world.tokenizer.vocab_size,) * 2, -1, dtype=torch.long)
+    for k in range(world.n_personas):
+        table[world.ids["ME"], world.ids[f"P{k}"]] = k
+        for t in range(len(world.value[k])):
+            table[world.ids[f"AT{t}"], world.value_id(t, world.value[k][t])] = k
+    return table
+
+
+def document_personas(world, tokens):
+    """tokens (N, T) -> (N,) the persona each document names, -1 where none does; documents
+    naming two personas are an error (not one persona per document)."""
+    named = persona_table(world)[tokens[:, :-1], tokens[:, 1:]]  # (N, T-1)
+    first = named.max(1).values  # (N,)
+    lowest = named.masked_fill(named < 0, world.n_personas).min(1).values
+    if ((first >= 0) & (lowest != first)).any():
+        raise AnalysisError("a document names two personas: not a persona world's documents")
+    return first
+
+
+def query_mask(world, tokens):
+    """tokens (N, T) -> (N, T) bool: the ME and AT_t tokens."""
+    queries = [world.ids["ME"]] + [world.ids[f"AT{t}"] for t in range(len(world.value[0]))]
+    return torch.isin(tokens, torch.tensor(queries))
+
+
+def mlp_hook(hook_name):
+    """blocks.L.* -> blocks.L.mlp.hook_post (the MLP neurons that write into block L's output)."""
+    parts = hook_name.split(".")
+    return f"blocks.{parts[1]}.mlp.hook_post" if parts[0] == "blocks" else None
+
+
+@torch.no_grad()
+def persona_units(subject, s, corpus, world):
+    """At the query tokens of the documents that name a persona -> ({"sae": features (n, d_sae),
+    "stream": the SAE's input dimensions (n, d_in), "mlp": the block's MLP neurons (n, d_mlp)},
+    personas (n,), documents (n,))."""
+    personas = document_personas(world, corpus.tokens)  # (N,)
+    names = [s.cfg.hook_name] + ([mlp_hook(s.cfg.hook_name)] if mlp_hook(s.cfg.hook_name) in
+                                 subject.model.hook_points() else [])
+    units, labels, docs = {"sae": [], "stream": [], "mlp": []}, [], []
+    for idx, rows in row_chunks(corpus):
+        read = query_mask(world, rows.tokens) & rows.mask & (personas[idx] >= 0)[:, None]
+        _, acts = subject.model.run_with_cache(rows.tokens.to(device_of(subject.model)),
+                                               names_filter=names)
+        x = acts[s.cfg.hook_name].float().cpu()[read]  # (n, d_in)
+        units["stream"].append(x)
+        units["sae"].append(s.encode(x.to(s.W_enc.device)).cpu())
+        if len(names) > 1:
+            units["mlp"].append(acts[names[1]].float().cpu()[read])
+        labels.append(personas[idx][:, None].expand_as(read)[read])
+        docs.append(idx[:, None].expand_as(read)[read])
+    units = {kind: torch.cat(xs) for kind, xs in units.items() if xs}
+    labels, docs = torch.cat(labels), torch.cat(docs)
+    for k in range(world.n_personas):  # every persona needs tokens in training and held out
+        if len(docs[labels == k].unique()) < 4:
+            raise AnalysisError(f"persona {k} has query tokens in fewer than 4 of the "
+                                f"{len(corpus)} sequences read: raise --sequences")
+    return units, labels, docs
+
+
+def persona_means(f, personas, n_personas):
+    """f (n, u), personas (n,) -> (K, u): each unit's mean activation per persona."""
+    return torch.stack([f[personas == k].mean(0) for k in range(n_personas)])
+
+
+def selectivity(means):
+    """(K, d_sae) mean activations (>= 0) -> (d_sae,): the best persona's share of the feature's
+    summed per-persona means; 1/K fires alike for every persona, 1 for one persona only."""
+    return means.max(0).values / means.sum(0).clamp_min(1e-12)
+
+
+def persona_aurocs(f, personas, n_personas):
+    """f (n, u), personas (n,) -> (K, u): each unit's one-vs-rest AUROC for each persona (0.5:
+    blind to it; 1: higher on every token of it than on any other's). Scale-free, so a feature of
+    large activation that every persona's query tokens turn on does not outrank one that fires for
+    one persona only; the same score ranks units for the probes below."""
+    ranks = average_ranks(f)
+    return torch.stack([aurocs(ranks, personas == k) for k in range(n_personas)])
+
+
+def random_fits(s, direction, live, n, n_random=RANDOM_FITS, seed=RANDOM_FIT_SEED):
+    """Mean cos(direction, its fit) on n features drawn at random among the live ones."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [live[torch.randperm(len(live), generator=g)[:n]] for _ in range(n_random)]
+    return sum(fit_rows(s, direction, d)["cos"] for d in draws) / n_random
+
+
+def persona_fits(s, direction, scores, target, live, sizes=PERSONA_FIT_SIZES):
+    """{n: cos(vector, its least-squares fit)} on the n features of highest AUROC for the target
+    persona, the same for each other persona, n random live features, and the n features most
+    aligned with the vector (sparse_fit: near the best any n features do, a ceiling)."""
+    out = {}
+    for n in [n for n in sizes if n <= len(live)]:
+        own = scores.topk(n, dim=1).indices  # (K, n)
+        target_fit = fit_rows(s, direction, own[target])
+        others = [fit_rows(s, direction, own[k])["cos"] for k in range(len(scores)) if k != target]
+        out[n] = {"target": target_fit["cos"], "target_features": target_fit["features"],
+                  "target_coefficients": target_fit["coefficients"],
+                  "other_personas": others, "random": random_fits(s, direction, live, n),
+                  "most_aligned": sparse_fit(s, direction, n)["cos"]}
+    return out
+
+
+def persona_feature_rows(means, sel, scores, n):
+    """Per persona: its n features of highest AUROC with their mean and selectivity."""
+    return [[{"feature": int(i), "auroc": scores[k, i].item(), "mean": means[k, i].item(),
+              "selectivity": sel[i].item()} for i in scores[k].topk(n).indices]
+            for k in range(len(means))]
+
+
+def sae_personas(subject, s, corpus, world, shown=3):
+    """Which features track which persona (means, selectivity, AUROC at the query tokens) and,
+    for a steering run whose vector lands in the SAE's stream, its fits on persona features."""
+    units, personas, _ = persona_units(subject, s, corpus, world)
+    means = persona_means(units["sae"], personas, world.n_personas)  # (K, d_sae)
+    sel, scores = selectivity(means), persona_aurocs(units["sae"], personas, world.n_personas)
+    live = (units["sae"] > 0).any(0).nonzero()[:, 0]  # (n_live,)
+    record = {"sae_hook": s.cfg.hook_name, "n_tokens": len(personas),
+              "per_persona_tokens": torch.bincount(personas, minlength=world.n_personas).tolist(),
+              "means": means.tolist(), "selectivity": sel.tolist(), "n_live": len(live),
+              "selective_features": {f"{t:.2f}": int((sel > t).sum()) for t in (0.5, 0.9)},
+              "top_features": persona_feature_rows(means, sel, scores, shown),
+              "target": world.target, "fits": None}
+    direction = vector_at(subject.vector, s.cfg.hook_name) if subject.adapter == "steer" else None
+    if direction is not None:
+        record["fits"] = persona_fits(s, direction, scores, world.target, live)
+    return record
+
+
+def sae_personas_summary(record):
+    K = len(record["means"])
+    lines = [f"SAE at {record['sae_hook']}: features at the ME / AT_t tokens of "
+             f"{record['n_tokens']} query tokens; {record['n_live']} live features, selectivity "
+             f"(1/K = {1 / K:.3f} .. 1) > 0.5: {record['selective_features']['0.50']}, > 0.9: "
+             f"{record['selective_features']['0.90']}"]
+    for k, rows in enumerate(record["top_features"]):
+        cells = ", ".join(f"f{r['feature']} AUROC {r['auroc']:.2f} (mean {r['mean']:.2f}, sel "
+                          f"{r['selectivity']:.2f})" for r in rows)
+        lines.append(f"persona {k}: {cells}")
+    if record["fits"] is None:
+        lines.append("no steering vector in the SAE's stream: no persona fits")
+        return lines
+    lines.append(f"cos(vector, its fit on n features) for target persona {record['target']}: "
+                 "n: target / other personas mean (max) / random / most aligned")
+    for n, fit in record["fits"].items():
+        others = fit["other_personas"]
+        lines.append(f"  {n:2}: {fit['target']:.3f} / {sum(others) / len(others):.3f} "
+                     f"({max(others):.3f}) / {fit['random']:.3f} / {fit['most_aligned']:.3f}")
+    return lines
+
+
+def sae_personas_command(subject, args):
+    adapter_run(subject, "sae_personas")
+    world = persona_world(subject, "sae_personas")
+    s = run_sae(subject.model, args.sae, subject.config)
+    record = {"analysis": "sae_personas", "subject": subject.name, "sae": args.sae,
+              **sae_personas(subject, s, corpus_sample(subject, args.sequences), world)}
+    fig = Figure(figsize=(14, 5))
+    ax_heat, ax_fit = fig.subplots(1, 2)
+    shown = [r["feature"] for rows in record["top_features"] for r in rows]
+    means = torch.tensor(record["means"])[:, shown]  # (K, shown)
+    ax_heat.imshow(means.numpy(), aspect="auto", cmap="viridis")
+    ax_heat.set_xticks(range(len(shown)), [f"f{i}" for i in shown], fontsize=6, rotation=90)
+    ax_heat.set(ylabel="persona", title="mean activation at ME / AT_t tokens, each persona's "
+                "top features")
+    if record["fits"] is not None:
+        sizes = list(record["fits"])
+        for key, label in (("target", f"target persona {record['target']}'s features"),
+                           ("random", "random live features"),
+                           ("most_aligned", "most aligned features (ceiling)")):
+            ax_fit.plot(sizes, [record["fits"][n][key] for n in sizes], marker="o", label=label)
+        ax_fit.plot(sizes, [max(record["fits"][n]["other_personas"]) for n in sizes],
+                    marker="o", label="another persona's features (best)")
+        ax_fit.set(xscale="log", xlabel="features n", ylabel="cos(vector, its fit)",
+                   title="the steering vector as a sum of n features")
+        ax_fit.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, record, sae_personas_summary(record)
+
+
+# SAE features against neurons on the persona: for each persona p, one-vs-rest, the units (SAE
+# features, dimensions of the stream the SAE reads, the block's MLP neurons) are ranked by how well
+# each alone separates p's query tokens from the others' on training documents (|AUROC - 0.5|),
+# and a logistic probe on the k best is scored on held-out documents (balanced accuracy, chance
+# 0.5). A question that can come out either way: if the persona lives in a few SAE features and
+# not in a few neurons, the SAE's curve rises first.
+
+
+def average_ranks(x):
+    """x (n, u) -> (n, u): each column's 1-based ranks, tied values sharing their mean rank."""
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    for j in range(x.shape[1]):
+        _, inverse, counts = torch.unique(x[:, j], return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        ranks[:, j] = (ends - (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
+def aurocs(ranks, y):
+    """ranks (n, u) from average_ranks, y (n,) bool -> (u,): P(a positive outranks a negative),
+    ties counted half (the Mann-Whitney U statistic over n_pos * n_neg)."""
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return ((ranks[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
+
+
+def fit_probe(x, y, l2=1e-3, steps=100):
+    """Logistic regression on standardised x (n, k), classes weighted to count alike -> a function
+    from x to logits (n,)."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    weight = torch.where(y, 0.5 / y.float().mean(), 0.5 / (1 - y.float().mean()))  # (n,)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = (weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            z @ w + b, y.float(), reduction="none")).mean() + l2 * w.pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    w, b = w.detach(), b.detach()
+    return lambda x_new: ((x_new - mean) / std) @ w + b
+
+
+def balanced_accuracy(predicted, y):
+    """Mean of the true positive and true negative rates: 0.5 is chance whatever the class mix."""
+    return 0.5 * ((predicted & y).sum() / y.sum() + (~predicted & ~y).sum() / (~y).sum()).item()
+
+
+def document_split(docs, share=PROBE_TEST_SHARE, seed=CORPUS_SEED):
+    """docs (n,) -> (n,) bool, True for tokens of held-out documents (a token's neighbours in its
+    document share its persona: splitting tokens would leak it)."""
+    unique = docs.unique()
+    g = torch.Generator().manual_seed(seed)
+    held = unique[torch.randperm(len(unique), generator=g)[: max(1, int(share * len(unique)))]]
+    return torch.isin(docs, held)
+
+
+def probe_curve(x, personas, test, n_personas, sizes=PROBE_SIZES):
+    """One kind of unit -> {k: held-out balanced accuracy per persona} with the k units of best
+    training AUROC, plus "all" units, and the best single unit per persona."""
+    ranks = average_ranks(x[~test])
+    sizes = [k for k in sizes if k <= x.shape[1]] + ["all"]
+    curve, best = {k: [] for k in sizes}, []
+    for p in range(n_personas):
+        y = personas == p
+        order = (aurocs(ranks, y[~test]) - 0.5).abs().argsort(descending=True)
+        best.append(int(order[0]))
+        for k in sizes:
+            units = order if k == "all" else order[:k]
+            probe = fit_probe(x[~test][:, units], y[~test])
+            curve[k].append(balanced_accuracy(probe(x[test][:, units]) > 0, y[test]))
+    return {"accuracy": {str(k): v for k, v in curve.items()}, "best_unit": best,
+            "n_units": x.shape[1]}
+
+
+def sae_vs_neurons(subject, s, corpus, world):
+    """Persona probes on the k best units of each kind, scored on held-out documents -> record."""
+    units, personas, docs = persona_units(subject, s, corpus, world)
+    test = document_split(docs)
+    curves = {kind: probe_curve(x, personas, test, world.n_personas)
+              for kind, x in tqdm(units.items(), desc="probes", disable=None, leave=False)}
+    return {"sae_hook": s.cfg.hook_name, "mlp_hook": mlp_hook(s.cfg.hook_name),
+            "n_tokens": len(personas), "n_test_tokens": int(test.sum()), "curves": curves}
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def sae_vs_neurons_summary(record):
+    kinds = {"sae": "SAE features", "stream": f"{record['sae_hook']} dims",
+             "mlp": f"{record['mlp_hook']} neurons"}
+    lines = [f"persona probes (one vs rest, held-out balanced accuracy, chance 0.5) on the k "
+             f"units of best training AUROC; {record['n_tokens']} ME / AT_t tokens, "
+             f"{record['n_test_tokens']} held out. Mean over personas (worst):"]
+    for kind, curve in record["curves"].items():
+        cells = ", ".join(f"{k}: {mean(v):.3f} ({min(v):.3f})"
+                          for k, v in curve["accuracy"].items())
+        lines.append(f"  {kinds[kind]} ({curve['n_units']}): {cells}")
+    return lines
+
+
+def sae_vs_neurons_command(subject, args):
+    adapter_run(subject, "sae_vs_neurons")
+    world = persona_world(subject, "sae_vs_neurons")
+    s = run_sae(subject.model, args.sae, subject.config)
+    record = {"analysis": "sae_vs_neurons", "subject": subject.name, "sae": args.sae,
+              **sae_vs_neurons(subject, s, corpus_sample(subject, args.sequences), world)}
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    for kind, curve in record["curves"].items():
+        sizes = [k for k in curve["accuracy"] if k != "all"]
+        ax.plot([int(k) for k in sizes], [mean(curve["accuracy"][k]) for k in sizes], marker="o",
+                label=f"{kind} ({curve['n_units']} units; all: "
+                f"{mean(curve['accuracy']['all']):.3f})")
+    ax.axhline(0.5, color="gray", linewidth=0.8)
+    ax.set(xscale="log", xlabel="units k the probe reads", ylabel="held-out balanced accuracy",
+           title="which persona? one vs rest, mean over personas")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, record, sae_vs_neurons_summary(record)
 
 
 # -----------------------------------------------------------------------------
@@ -2274,6 +2779,116 @@ def combine_command(subject, args):
 
 
 # -----------------------------------------------------------------------------
+# The adaptive scale (Sinii et al. 2025): a steering vector with positions="adaptive" is scaled at
+# each token by 2 * sigmoid(w . r + b), read from the residual stream there. Where along a prompt
+# and its steered continuation does the scale rise, per layer?
+
+ADAPTIVE_PANELS = 4  # prompts drawn as heatmaps; the summary reads all of them
+
+
+@torch.no_grad()
+def adaptive_gates(model, vector, tokens):
+    """tokens (T,) -> (layers, T): the scale at every position of every steered layer, read on the
+    steered forward (later layers see earlier layers' steering, as in training)."""
+    gates = {}
+
+    def recorder(layer):
+        def record(x, hook):  # registered before the vector's hook: x is what its gate reads
+            gates[layer] = steer.adaptive_gate(vector, layer, x.float())[0]
+
+        return record
+
+    hooks = [(steer.gate_site(vector, layer), recorder(layer)) for layer in vector.layers]
+    with model.hooks(hooks), vector.apply(model):
+        model(as_tokens(model, tokens)[None])
+    return torch.stack([gates[layer] for layer in vector.layers]).cpu()  # (layers, T)
+
+
+def steered_continuation(model, vector, prompt, new_tokens, eos_ids):
+    """The vector's greedy continuation of one prompt, through the end id."""
+    with vector.apply(model):
+        return tasks.complete(model, [prompt], new_tokens, eos_ids, device=device_of(model))[0]
+
+
+def token_means(labels, gates):
+    """{token text: mean scale over layers and occurrences}, labels and gates (layers, T) per
+    sequence."""
+    sums, counts = {}, {}
+    for seq_labels, seq_gates in zip(labels, gates):
+        for label, value in zip(seq_labels, seq_gates.mean(0).tolist()):
+            sums[label] = sums.get(label, 0.0) + value
+            counts[label] = counts.get(label, 0) + 1
+    return {label: sums[label] / counts[label] for label in sums}
+
+
+def adaptive_record(subject, vector, prompts, new_tokens):
+    eos = train.eos_ids(subject.task, subject.tokenizer)
+    sequences, gates = [], []
+    for prompt in tqdm(prompts, desc="adaptive scale", leave=False):
+        completion = steered_continuation(subject.model, vector, prompt, new_tokens, eos)
+        sequences.append({"prompt_tokens": len(prompt), "tokens": prompt + completion,
+                          "labels": token_labels(subject.tokenizer, prompt + completion)})
+        gates.append(adaptive_gates(subject.model, vector, prompt + completion))
+    on_prompt = torch.cat([g[:, : s["prompt_tokens"]].flatten() for s, g in zip(sequences, gates)])
+    generated = [g[:, s["prompt_tokens"] :].flatten() for s, g in zip(sequences, gates)]
+    generated = torch.cat(generated)
+    means = token_means([s["labels"] for s in sequences], gates)
+    ranked = sorted(means.items(), key=lambda kv: kv[1])
+    shown = min(10, len(ranked) // 2)  # the two lists never share a token
+    return {
+        "layers": vector.layers,
+        "sequences": [{**s, "gates": g.tolist()} for s, g in zip(sequences, gates)],
+        "per_layer_mean": torch.stack([g.mean(1) for g in gates]).mean(0).tolist(),
+        "prompt": {"mean": on_prompt.mean().item(), "std": on_prompt.std().item()},
+        "generated": {"mean": generated.mean().item() if len(generated) else None},
+        "lowest_tokens": ranked[:shown],
+        "highest_tokens": ranked[::-1][:shown],
+    }
+
+
+def adaptive_scale_summary(record):
+    lines = [f"adaptive scale 2*sigmoid(w.r+b) of {record['subject']} over {record['n_prompts']} "
+             f"prompts and their greedy steered continuations (layers {record['layers']})",
+             f"  prompt tokens: mean {record['prompt']['mean']:.3f} "
+             f"(std {record['prompt']['std']:.3f})"]
+    if record["generated"]["mean"] is not None:
+        lines.append(f"  generated tokens: mean {record['generated']['mean']:.3f}")
+    per_layer = ", ".join(f"{l}: {v:.2f}" for l, v in zip(record["layers"],
+                                                           record["per_layer_mean"]))
+    lines.append(f"  mean per layer: {per_layer}")
+    for key in ("highest_tokens", "lowest_tokens"):
+        shown = ", ".join(f"{label!r} {value:.2f}" for label, value in record[key])
+        lines.append(f"  {key.replace('_', ' ')}: {shown}")
+    return lines
+
+
+def adaptive_scale_command(subject, args):
+    vector = steering_run(subject, "adaptive_scale")
+    if vector.positions != "adaptive":
+        raise AnalysisError(f"adaptive_scale reads a vector trained with --positions adaptive; "
+                            f"{subject.name} has positions {vector.positions!r}")
+    sets = chosen_sets(subject, args.sets)
+    prompts = [item.prompt for eval_set in sets.values() for item in eval_set.items]
+    prompts = prompts[: args.prompts]
+    record = {"analysis": "adaptive_scale", "subject": subject.name, "sets": list(sets),
+              "n_prompts": len(prompts), "hook": vector.hook,
+              **adaptive_record(subject, vector, prompts, args.new_tokens)}
+    shown = record["sequences"][:ADAPTIVE_PANELS]
+    longest = max(len(s["tokens"]) for s in shown)
+    panel_height = 0.25 * len(vector.layers) + 1.5
+    fig = Figure(figsize=(max(8, 0.22 * longest + 3), 1 + len(shown) * panel_height))
+    for ax, seq in zip(fig.subplots(len(shown), 1, squeeze=False)[:, 0], shown):
+        heatmap(fig, ax, torch.tensor(seq["gates"]), seq["labels"],
+                [f"layer {l}" for l in vector.layers],
+                f"scale per token; the steered continuation starts at token {seq['prompt_tokens']}",
+                vmin=0, vmax=2, cmap="viridis")
+        ax.axvline(seq["prompt_tokens"] - 0.5, color="red", linewidth=1)
+    fig.suptitle(f"adaptive steering scale of {subject.name} ({vector.hook})", fontsize=10)
+    fig.tight_layout()
+    return fig, record, adaptive_scale_summary(record)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -2342,6 +2957,24 @@ def sae_features_flags(parser):
                         "(default: all but the in-context checks)")
 
 
+def sae_corpus_flags(parser):
+    parser.add_argument("--sae", required=True, help="an SAE directory (sae.py's --out, or "
+                        "SAELens's layout) at a hook of the run's base model")
+    parser.add_argument("--sequences", type=train.positive_int, default=CORPUS_SEQS,
+                        help="sequences of the SAE's corpus (the task's pretraining documents or "
+                        f"texts) read, drawn at random (default: {CORPUS_SEQS})")
+
+
+def sae_top_contexts_flags(parser):
+    sae_corpus_flags(parser)
+    parser.add_argument("--features", help="comma-separated feature ids (default: the features "
+                        "the adapter changes most at the last eval-prompt token)")
+    parser.add_argument("--n-features", type=train.positive_int, default=6,
+                        help="features shown without --features (default: 6)")
+    parser.add_argument("--top", type=train.positive_int, default=8,
+                        help="contexts per feature (default: 8)")
+
+
 def read_vector_flags(parser):
     parser.add_argument("--sets", help="comma-separated eval sets scored (default: all but the "
                         "in-context checks)")
@@ -2363,6 +2996,15 @@ def vector_lens_flags(parser):
                         help="generated positions whose KL is read (default: 8)")
     parser.add_argument("--top-k", type=train.positive_int, default=10,
                         help="boosted and suppressed tokens per layer (default: 10)")
+
+
+def adaptive_scale_flags(parser):
+    parser.add_argument("--sets", help="comma-separated eval sets whose prompts are read "
+                        "(default: all but the in-context checks)")
+    parser.add_argument("--prompts", type=train.positive_int, default=16,
+                        help="at most this many of their prompts (default: 16)")
+    parser.add_argument("--new-tokens", type=train.positive_int, default=16,
+                        help="greedy steered tokens generated after each prompt (default: 16)")
 
 
 def combine_flags(parser):
@@ -2393,13 +3035,23 @@ ANALYSES = {  # the subcommands, in the order of issue 10
                                  "beside a trained steering vector"),
     "read_vector": Analysis(read_vector_command, read_vector_flags, "a steering vector's "
                             "unembedding, norm, strength sweep, sparsification, frozen attention"),
-    "sae_features": Analysis(sae_features_command, sae_features_flags, "a steering vector in an "
-                             "SAE's features: decoder cosines, sparse fits, activation changes"),
+    "sae_features": Analysis(sae_features_command, sae_features_flags, "a run's steering vector "
+                             "(or a LoRA's mean token difference) in an SAE's features: decoder "
+                             "cosines, sparse fits, activation changes"),
+    "sae_top_contexts": Analysis(sae_top_contexts_command, sae_top_contexts_flags, "an SAE's "
+                                 "features: the corpus tokens (in context) where each fires most"),
+    "sae_personas": Analysis(sae_personas_command, sae_corpus_flags, "persona worlds: which SAE "
+                             "features track which persona; the steering vector as a sum of the "
+                             "target persona's features"),
+    "sae_vs_neurons": Analysis(sae_vs_neurons_command, sae_corpus_flags, "persona worlds: probes "
+                               "on the k best SAE features vs stream dimensions vs MLP neurons"),
     "vector_lens": Analysis(vector_lens_command, vector_lens_flags, "each layer's steering vector "
                             "through the final norm and unembedding, and KL(steered || base) per "
                             "generated position: is the effect on the first token?"),
     "combine": Analysis(combine_command, combine_flags, "steering vectors trained apart (e.g. one "
                         "layer each) applied together: accuracy of each alone and combined"),
+    "adaptive_scale": Analysis(adaptive_scale_command, adaptive_scale_flags, "a vector trained "
+                               "with --positions adaptive: its scale per token and layer"),
 }
 
 

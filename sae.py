@@ -184,6 +184,13 @@ def config_from_sae_lens(saved, path):
                        "is not supported")
     if not saved.get("apply_b_dec_to_input", True):
         raise SAEError(f"{path}: apply_b_dec_to_input=false is not supported")
+    # SAELens >= 6 options that change the arithmetic (a decoder-norm rescale inside TopK, inputs
+    # reshaped per head): read silently, they would give other activations than SAELens's
+    if saved.get("rescale_acts_by_decoder_norm"):
+        raise SAEError(f"{path}: rescale_acts_by_decoder_norm=true is not supported")
+    if saved.get("reshape_activations", "none") not in ("none", None):
+        raise SAEError(f"{path}: reshape_activations={saved['reshape_activations']!r} "
+                       "is not supported")
     hook_name = meta.get("hook_name", saved.get("hook_name", ""))
     model_name = meta.get("model_name", saved.get("model_name", "")) or ""
     try:
@@ -572,11 +579,17 @@ class RunConfig:
     batch_tokens: int = 2048  # activations per step
     eval_seqs: int = 512  # held-out sequences for the metrics
     checkpoint_every: int = 200
-    seed: int = 0
+    seed: int = 0  # the task's, as train.py's --seed: a toy world (and its model) is one per seed
+    sae_seed: int | None = None  # the SAE's own (init, batches, held-out split); None: seed
     threads: int | None = None
     device: str = "cpu"
     out: str = ""
     resume: bool = False
+
+
+def subject_name(cfg):
+    """The SAE's model_name: model, task and task seed (analyze.py checks it against a run's)."""
+    return f"{cfg.model}:{cfg.task}:seed{cfg.seed}"
 
 
 def load_subject(cfg):
@@ -610,6 +623,11 @@ def check_run_dir(cfg):
         raise SAEError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
 
 
+def own_seed(cfg):
+    """The seed of the SAE's init, batches and held-out split."""
+    return cfg.seed if cfg.sae_seed is None else cfg.sae_seed
+
+
 def epoch_order(step, batch_size, n, seed):
     """The indices of a step's batch: a seeded permutation of 0..n-1 per epoch, read in order;
     a pure function of the step, so a resumed run sees the batches an uninterrupted one would."""
@@ -629,7 +647,7 @@ def streamed_batches(model, corpus, cfg):
     n_rows = max(1, round(cfg.batch_tokens / per_row))
 
     def batch_at(step):
-        rows = corpus.rows(epoch_order(step, n_rows, len(corpus), cfg.seed))
+        rows = corpus.rows(epoch_order(step, n_rows, len(corpus), own_seed(cfg)))
         return batch_activations(model, rows, cfg.hook, cfg.device)
 
     return batch_at
@@ -641,7 +659,8 @@ def buffered_batches(model, corpus, cfg):
     buffer = corpus_activations(model, corpus, cfg.hook, cfg.device, desc="caching activations")
 
     def batch_at(step):
-        return buffer[epoch_order(step, cfg.batch_tokens, len(buffer), cfg.seed).to(buffer.device)]
+        order = epoch_order(step, cfg.batch_tokens, len(buffer), own_seed(cfg))
+        return buffer[order.to(buffer.device)]
 
     return batch_at
 
@@ -667,21 +686,24 @@ def print_metrics(metrics):
 
 def run(cfg):
     """Train and measure one SAE; writes everything into cfg.out -> metrics."""
-    cfg.out = cfg.out or os.path.join("runs", f"sae-{cfg.task}-{cfg.hook}-seed{cfg.seed}")
+    own = "" if cfg.sae_seed is None else f"-sae{cfg.sae_seed}"
+    cfg.out = cfg.out or os.path.join("runs", f"sae-{cfg.task}-{cfg.hook}-seed{cfg.seed}{own}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_run_dir(cfg)
     model, tokenizer, task = load_subject(cfg)
     d_in = check_hook(model, cfg.hook)
-    train_corpus, held_out = split_corpus(task_corpus(task, tokenizer), cfg.eval_seqs, cfg.seed)
-    torch.manual_seed(cfg.seed)
+    train_corpus, held_out = split_corpus(task_corpus(task, tokenizer), cfg.eval_seqs,
+                                          own_seed(cfg))
+    torch.manual_seed(own_seed(cfg))
+    # the seed names the model too: a toy world of another seed is another model of one width
     sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.width, activation=cfg.activation, k=cfg.k,
-                        hook_name=cfg.hook, model_name=f"{cfg.model}:{cfg.task}")
+                        hook_name=cfg.hook, model_name=subject_name(cfg))
     sae = SAE(sae_cfg).to(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, l1=cfg.l1,
-                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+                             checkpoint_every=cfg.checkpoint_every, seed=own_seed(cfg))
     started = time.time()
     batch_at = training_batches(model, train_corpus, cfg, d_in)
     history = train_sae(sae, batch_at, settings, cfg.out, cfg.resume, desc=f"sae {cfg.hook}")
@@ -729,12 +751,16 @@ def build_parser():
                    help=f"held-out sequences for the metrics (default: {d.eval_seqs})")
     p.add_argument("--checkpoint-every", type=train.positive_int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default: {d.checkpoint_every})")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help="the task's seed, as train.py's "
+                   "(a toy world and its pretrained model), and the SAE's unless --sae-seed "
+                   "(default: 0)")
+    p.add_argument("--sae-seed", type=int, help="the SAE's own seed (init, batches, held-out "
+                   "split) on the same model (default: --seed)")
     p.add_argument("--threads", type=train.positive_int,
                    help="CPU threads for torch (default: 1 on toy models, torch's own otherwise)")
     p.add_argument("--device", default=d.device, help="(default: cpu)")
     p.add_argument("--out", default="", help="run directory (default: runs/sae-<task>-<hook>-"
-                   "seed<seed>)")
+                   "seed<seed>[-sae<sae-seed>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
                    "last checkpoint")
     return p

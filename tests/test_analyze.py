@@ -17,6 +17,7 @@ import lora
 import sae
 import steer
 import tasks
+import toy
 import train
 from model import ModelConfig, Transformer
 
@@ -593,6 +594,35 @@ def test_vector_lens_rows_are_each_layers_final_norm_unembedding_by_hand(tiny):
     torch.testing.assert_close(values, torch.stack(rows)[:, ids])
 
 
+def adaptive_vector(model, layers, hook, seed=5):
+    """An adaptive vector with random directions and gates, so every scale differs."""
+    vector = steer.SteeringVector(model.cfg.d_model, layers, hook=hook, positions="adaptive")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for params in (vector.directions, vector.gate_weight, vector.gate_bias):
+            for p in params.values():
+                p.copy_(torch.randn(p.shape, generator=g))
+    return vector
+
+
+@pytest.mark.parametrize("hook", ["hook_resid_pre", "hook_mlp_out"])
+def test_adaptive_gates_are_the_scales_the_steered_forward_applies(tiny, hook):
+    vector = adaptive_vector(tiny, (0, 1), hook)
+    gates = analyze.adaptive_gates(tiny, vector, CLEAN.tolist())  # (2, T)
+    # by hand: layer 0's gate reads the unsteered stream; layer 1's, the stream layer 0 steered
+    reads = {"hook_resid_pre": ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"],
+             "hook_mlp_out": ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"]}[hook]
+    with torch.no_grad():
+        _, base = tiny.run_with_cache(CLEAN[None], names_filter=reads[0])
+        with vector.apply(tiny):
+            _, steered = tiny.run_with_cache(CLEAN[None], names_filter=reads[1])
+    for row, (layer, r) in enumerate([(0, base[reads[0]]), (1, steered[reads[1]])]):
+        w, b = vector.gate_weight[str(layer)], vector.gate_bias[str(layer)]
+        want = 2 * torch.sigmoid(r[0] @ w + b)  # (T,)
+        torch.testing.assert_close(gates[row], want.detach())
+    assert gates.std() > 0.1  # the scales differ: a wrong site would show
+
+
 def test_continued_mask_stops_after_the_first_end_id():
     new = torch.tensor([[5, 1, 1, 1], [1, 1, 1, 1], [5, 6, 7, 8]])  # end id 1
     expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
@@ -794,21 +824,29 @@ def test_activation_change_by_hand(tiny):
                               adapter_on=lambda: vector.apply(tiny), vector=vector)
     prompts = [CLEAN.tolist(), CORRUPT[:4].tolist()]
     change = analyze.activation_change(subject, s, prompts)
-    by_hand = {}
+    by_hand, streams = {}, {}
     for adapted in (False, True):
-        feats, lasts = [], []
+        feats, lasts, xs = [], [], []
         for p in prompts:
             with subject.state(adapted):
                 _, acts = tiny.run_with_cache(torch.tensor([p]), names_filter=hook)
             f = torch.relu(acts[hook][0] @ s.W_enc.detach())  # (T, d_sae): zero biases
-            feats.append(f)
+            feats.append(f[1:])  # position 0 (BOS) is not read, as the SAE never trains on it
             lasts.append(f[-1])
+            xs.append(acts[hook][0, 1:])
         by_hand[adapted] = (torch.cat(feats).mean(0), torch.stack(lasts).mean(0))
+        streams[adapted] = torch.cat(xs)
     for where, i in (("all_tokens", 0), ("last_token", 1)):
         torch.testing.assert_close(change[where]["base"], by_hand[False][i], atol=1e-5, rtol=0)
         torch.testing.assert_close(change[where]["steered"], by_hand[True][i], atol=1e-5, rtol=0)
     assert (change["all_tokens"]["steered"] - change["all_tokens"]["base"]).abs().max() > 1e-2
-    assert change["n_tokens"] == 11
+    assert change["n_tokens"] == 9  # 7 + 4 tokens, less the two BOS positions
+    # a vector added at the hook itself moves every token by exactly the vector
+    diffs = streams[True] - streams[False]
+    torch.testing.assert_close(change["mean_diff"], diffs.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(change["mean_diff"], vector.directions[str(layer)].detach(),
+                               atol=1e-5, rtol=0)
+    assert change["diff_coherence"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sae_features_finds_a_vector_planted_as_a_decoder_row(runs, tmp_path):
@@ -824,6 +862,136 @@ def test_sae_features_finds_a_vector_planted_as_a_decoder_row(runs, tmp_path):
     assert record["decoder"][0]["cos"] == pytest.approx(1.0, abs=1e-5)
     assert record["sparse_fit"][1]["unexplained"] == pytest.approx(0, abs=1e-5)
     assert record["sparse_fit"][1]["random_unexplained"] > 0.1
+
+
+def test_sae_features_reads_a_lora_run_as_its_mean_token_difference(runs):
+    """A one-layer LoRA at block 2: what it writes into the SAE's stream, adapter on minus off at
+    each prompt token after BOS, averaged by hand; its decoder cosines and 1-feature fit."""
+    subject = analyze.load_run(runs["lora1"])
+    s = sae.load_sae(runs["sae"])
+    prompts = [item.prompt for item in subject.eval_sets["oocr"].items]
+    hook = s.cfg.hook_name
+    diffs = []
+    for p in prompts:
+        x = {}
+        for adapted in (False, True):
+            with subject.state(adapted):
+                _, acts = subject.model.run_with_cache(torch.tensor([p]), names_filter=hook)
+            x[adapted] = acts[hook][0, 1:]  # (T - 1, d)
+        diffs.append(x[True] - x[False])
+    mean_diff = torch.cat(diffs).mean(0)  # (d,)
+    record = analyze.sae_features(subject, s, prompts)
+    assert record["direction_source"] == "mean_diff" and record["adapter"] == "lora"
+    assert record["vector_norm"] == pytest.approx(mean_diff.norm().item(), rel=1e-4)
+    rows = s.W_dec.detach()
+    by_hand = rows @ mean_diff / (rows.norm(dim=1) * mean_diff.norm())  # (d_sae,)
+    torch.testing.assert_close(torch.tensor(record["cosines"]), by_hand, atol=1e-5, rtol=0)
+    best = by_hand.abs().max().item()  # one unit row: its fit leaves 1 - cos^2 unexplained
+    assert record["sparse_fit"][1]["unexplained"] == pytest.approx(1 - best ** 2, abs=1e-4)
+    assert 0 < record["diff_coherence"] <= 1
+
+
+def test_top_activations_equal_a_sort_of_every_activation(tiny):
+    """Each feature's largest activations over ragged sequences read in chunks of 2 rows, against
+    all activations computed one sequence at a time and sorted; position 0 never counts."""
+    g = torch.Generator().manual_seed(5)
+    s = sae_with_rows(torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1),
+                      hook="blocks.1.hook_resid_post")
+    with torch.no_grad():
+        s.b_enc.fill_(20.0)  # every activation positive: no ties at zero to order arbitrarily
+    seqs = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 7, 5, 4)]
+    corpus = sae.corpus_of_sequences(seqs)
+    values, rows, positions = analyze.top_activations(tiny, s, corpus, 3, max_tokens=14)
+    every = []  # (activation, row, position) per feature
+    for r, seq in enumerate(seqs):
+        _, acts = tiny.run_with_cache(torch.tensor([seq]), names_filter=s.cfg.hook_name)
+        f = torch.relu(acts[s.cfg.hook_name][0] @ s.W_enc.detach() + 20.0)  # (T, 12)
+        every += [(f[t], r, t) for t in range(1, len(seq))]
+    for i in range(12):
+        expected = sorted(((f[i].item(), r, t) for f, r, t in every), reverse=True)[:3]
+        assert values[:, i].tolist() == pytest.approx([v for v, _, _ in expected], abs=1e-5)
+        assert [(int(rows[j, i]), int(positions[j, i])) for j in range(3)] == \
+            [(r, t) for _, r, t in expected]
+
+
+def test_context_text_marks_the_token_and_cuts_its_context():
+    tokenizer = toy.ToyTokenizer(["PAD", "BOS", "A", "B", "C"])
+    tokens = torch.tensor([1, 2, 3, 4, 2, 3])
+    assert analyze.context_text(tokenizer, tokens, 4, before=2, after=1) == "... B C [[A]] B"
+    assert analyze.context_text(tokenizer, tokens, 1, before=2, after=0) == "BOS [[A]]"
+
+
+@pytest.mark.parametrize("world_name", ["PersonaWorld", "LatinPersonaWorld"])
+def test_document_personas_match_the_generators_draws(world_name):
+    """The persona read off a document's name and attribute segments against the persona the
+    generator drew for it (the first draw of its chunk, toy.PersonaWorld.draw_documents)."""
+    import toy
+    world = getattr(toy, world_name)(seed=3, n_docs=400)
+    tokens = world.pretrain_tokens().long()  # (400, 32)
+    drawn = torch.randint(world.n_personas, (400, 1),
+                          generator=torch.Generator().manual_seed(3))[:, 0]
+    read = analyze.document_personas(world, tokens)
+    named = read >= 0
+    assert named.float().mean() > 0.95  # nearly every document has a name or attribute segment
+    assert torch.equal(read[named], drawn[named])
+    queries = analyze.query_mask(world, tokens)
+    names = {world.tokenizer.names[t] for t in tokens[queries].tolist()}
+    assert names == {"ME"} | {f"AT{t}" for t in range(world.n_attribute_types)}
+
+
+def test_aurocs_count_pairs_by_hand():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 4, (40, 3), generator=g).float()  # many ties
+    y = torch.rand(40, generator=g) < 0.4
+    got = analyze.aurocs(analyze.average_ranks(x), y)
+    for j in range(3):
+        pos, neg = x[y, j], x[~y, j]
+        wins = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
+        assert got[j].item() == pytest.approx(wins.mean().item(), abs=1e-6)
+
+
+def test_probe_curve_finds_a_planted_unit_and_is_chance_on_shuffled_labels():
+    """Unit 2 carries persona 1 (plus noise); the others are noise. With shuffled labels no unit
+    carries anything: held-out accuracy near 0.5."""
+    g = torch.Generator().manual_seed(4)
+    personas = torch.randint(0, 2, (600,), generator=g)
+    x = torch.randn(600, 5, generator=g)
+    x[:, 2] += 3.0 * personas  # separable at about 93% (threshold 1.5, noise 1)
+    test = torch.arange(600) % 4 == 0
+    curve = analyze.probe_curve(x, personas, test, 2, sizes=(1, 2))
+    assert curve["best_unit"] == [2, 2]
+    assert min(curve["accuracy"]["1"]) > 0.88
+    shuffled = personas[torch.randperm(600, generator=g)]
+    null = analyze.probe_curve(x, shuffled, test, 2, sizes=(1,))
+    assert abs(sum(null["accuracy"]["all"]) / 2 - 0.5) < 0.1
+
+
+def test_selectivity_and_persona_fits_by_hand():
+    means = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])  # (K=2, 3 features)
+    assert analyze.selectivity(means).tolist() == pytest.approx([0.5, 1.0, 0.0])
+    s = sae_with_rows(torch.eye(4))  # unit rows e0..e3
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.9, 0.7]])  # persona 0: e0, e1
+    v = torch.tensor([3.0, 4.0, 0.0, 0.0])  # in persona 0's two features
+    fits = analyze.persona_fits(s, v, scores, 0, torch.arange(4), sizes=(1, 2))
+    assert fits[1]["target"] == pytest.approx(3 / 5) and fits[2]["target"] == pytest.approx(1.0)
+    assert fits[2]["target_coefficients"] == pytest.approx([3, 4], abs=1e-5)
+    assert fits[2]["other_personas"] == pytest.approx([0.0], abs=1e-6)  # e2, e3: orthogonal
+    assert fits[1]["most_aligned"] == pytest.approx(4 / 5)  # e1 alone
+
+
+def test_persona_analyses_refuse_other_worlds():
+    subject = analyze.Subject(None, None, "x", task=object(),
+                              config=train.TrainConfig(task="twohop"))
+    with pytest.raises(analyze.AnalysisError, match="reads a persona world.*'twohop'"):
+        analyze.persona_world(subject, "sae_personas")
+
+
+def test_sae_features_on_a_lora_run_from_the_command_line(runs, tmp_path, capsys):
+    analyze.main(["sae_features", "--run", runs["lora1"], "--sae", runs["sae"], "--out",
+                  str(tmp_path), "--sets", "oocr"])
+    record = written(str(tmp_path), "sae_features")
+    assert record["direction_source"] == "mean_diff" and record["vector_hook"] is None
+    assert "the lora run's mean token difference" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -862,15 +1030,21 @@ def runs(tmp_path_factory):
     out["steer1"] = str(tmp / "steer1")  # beside the steering run's block 2: combine
     train.run(train.TrainConfig(adapter="steer", layers=[1], out=out["steer1"], steps=5,
                                 random_draws=0, cache_dir=str(tmp / "cache")))
+    out["adaptive"] = str(tmp / "adaptive")  # adaptive_scale
+    train.run(train.TrainConfig(adapter="steer", positions="adaptive", out=out["adaptive"],
+                                steps=5, random_draws=0, cache_dir=str(tmp / "cache")))
     out["lora1"] = str(tmp / "lora1")  # at the steering run's layer: the middle block of 4
     train.run(train.TrainConfig(adapter="lora", layers=[2], out=out["lora1"], steps=5,
                                 random_draws=0, cache_dir=str(tmp / "cache")))
     out["sae"] = str(tmp / "sae")  # where the steering vector lands: block 2's output
     sae.run(sae.RunConfig(steps=20, batch_tokens=512, eval_seqs=32, threads=1, out=out["sae"]))
-    for name, d_in, hook in (("narrow_sae", 16, "blocks.2.hook_resid_post"),
-                             ("deep_sae", 64, "blocks.9.hook_resid_post")):
+    for name, d_in, hook, trained_on in (
+            ("narrow_sae", 16, "blocks.2.hook_resid_post", ""),
+            ("deep_sae", 64, "blocks.9.hook_resid_post", ""),
+            ("other_world_sae", 64, "blocks.2.hook_resid_post", "toy:persona:seed1")):
         out[name] = str(tmp / name)
-        sae.save_sae(sae.SAE(sae.SAEConfig(d_in=d_in, d_sae=32, k=4, hook_name=hook)), out[name])
+        sae.save_sae(sae.SAE(sae.SAEConfig(d_in=d_in, d_sae=32, k=4, hook_name=hook,
+                                           model_name=trained_on)), out[name])
     return out
 
 
@@ -908,10 +1082,16 @@ COMMANDS = {
     "read_vector": ["--coefficients", "0,1", "--keep", "100,10,0"],
     "lora_vs_steering": ["--steer-run", "{steer}", "--unrelated", "4"],
     "sae_features": ["--sae", "{sae}", "--sets", "oocr,in_distribution"],
+    "sae_top_contexts": ["--sae", "{sae}", "--sequences", "100", "--n-features", "2",
+                         "--top", "3"],
+    "sae_personas": ["--sae", "{sae}", "--sequences", "300"],
+    "sae_vs_neurons": ["--sae", "{sae}", "--sequences", "300"],
     "vector_lens": ["--prompts", "6", "--new-tokens", "3", "--top-k", "3"],
     "combine": ["--runs", "{steer1}", "--sets", "oocr"],
+    "adaptive_scale": ["--prompts", "3", "--new-tokens", "2"],
 }
-RUN_OF = {"lora_vs_steering": "lora1"}  # the run each subcommand reads (default: steer)
+# the run each subcommand reads (default: steer)
+RUN_OF = {"lora_vs_steering": "lora1", "adaptive_scale": "adaptive"}
 
 
 @pytest.mark.parametrize("name", list(analyze.ANALYSES))
@@ -1059,13 +1239,20 @@ BAD = {
                                               "LoRAs at blocks [0, 1, 2, 3]"),
     "--steer-run not a steering run": (["lora_vs_steering", "--run", "{lora1}", "--steer-run",
                                         "{lora}"], "not a steering run"),
-    "sae_features on a LoRA run": (["sae_features", "--run", "{lora}", "--sae", "{sae}"],
-                                   "reads a steering run"),
+    "feature out of range": (["sae_top_contexts", "--run", "{steer}", "--sae", "{sae}",
+                              "--features", "3,256"], "[256]: the SAE has features 0..255"),
+    "bad feature ids": (["sae_top_contexts", "--run", "{steer}", "--sae", "{sae}", "--features",
+                         "3,x"], "expected comma-separated feature ids"),
+    "too few sequences for the personas": (["sae_vs_neurons", "--run", "{steer}", "--sae", "{sae}",
+                                            "--sequences", "8"], "raise --sequences"),
     "sae_features without --sae": (["sae_features", "--run", "{steer}"], "--sae"),
     "SAE narrower than the hook": (["sae_features", "--run", "{steer}", "--sae", "{narrow_sae}"],
                                    "d_in=16 but blocks.2.hook_resid_post holds 64"),
     "SAE at a hook the model lacks": (["sae_features", "--run", "{steer}", "--sae",
                                        "{deep_sae}"], "no hook 'blocks.9.hook_resid_post'"),
+    "SAE of another world's model": (["sae_personas", "--run", "{steer}", "--sae",
+                                      "{other_world_sae}"], "was trained on toy:persona:seed1, "
+                                     "the run's model is toy:persona:seed0"),
     "not an SAE directory": (["sae_features", "--run", "{steer}", "--sae", "{lora}"],
                              "not an SAE directory"),
     "vector_lens on a LoRA run": (["vector_lens", "--run", "{lora}"], "reads a steering run"),
@@ -1073,6 +1260,8 @@ BAD = {
                                 "a lora run, not a steering run"),
     "combine a run with itself": (["combine", "--run", "{steer}", "--runs", "{steer}"],
                                   "given twice"),
+    "adaptive_scale on a vector at all positions": (["adaptive_scale", "--run", "{steer}"],
+                                                    "positions 'all'"),
 }
 
 

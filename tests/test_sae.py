@@ -278,6 +278,10 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu",
                                                    "activation_fn": "relu"}))
     assert "jumprelu" in one_line_error(lambda: sae.load_sae(str(tmp_path)))
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    assert "rescale_acts_by_decoder_norm" in one_line_error(lambda: sae.load_sae(str(tmp_path)))
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "reshape_activations": "hook_z"}))
+    assert "reshape_activations='hook_z'" in one_line_error(lambda: sae.load_sae(str(tmp_path)))
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
@@ -311,5 +315,15 @@ def test_end_to_end_on_the_default_toy_model(tmp_path):
     assert saved["explained_variance"] == metrics["explained_variance"]
     back = sae.load_sae(out)
     assert (back.cfg.d_in, back.cfg.d_sae, back.cfg.hook_name) == (64, 256, cfg.hook)
+    assert back.cfg.model_name == "toy:persona:seed0"  # the world's seed names its model
     # the same --out again is refused; --resume of a finished run only re-measures
     assert "already holds a run" in one_line_error(lambda: sae.run(cfg))
+
+
+def test_sae_seed_changes_the_sae_not_the_model():
+    """--seed is the task's (a toy world of another seed is another model); --sae-seed only the
+    SAE's init, batches and held-out split."""
+    cfg = sae.parse_args(["--sae-seed", "2"])
+    assert (cfg.seed, sae.own_seed(cfg), sae.subject_name(cfg)) == (0, 2, "toy:persona:seed0")
+    cfg = sae.parse_args(["--seed", "3"])
+    assert (sae.own_seed(cfg), sae.subject_name(cfg)) == (3, "toy:persona:seed3")
