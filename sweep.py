@@ -9,7 +9,8 @@ persona tables.
 
 Kinds of run (--runs): steer (a steering vector at the middle block's MLP output), control (the
 same on the opposite answers, scored on the target's evals), lora (all blocks), lora:L (block L
-only), full (all weights), control:lora and control:full (their opposite-answer controls).
+only), steer:L (the vector at block L), full (all weights), control:lora and control:full (their
+opposite-answer controls).
 Each run is an ordinary train.py run directory under --out; a sweep
 that stops resumes by skipping the runs whose metrics.json exists. Writes summary.json,
 summary.md and cross_target.png into --out.
@@ -46,6 +47,8 @@ def run_settings(kind, task, seed, target, out):
         return replace(cfg, adapter="lora")
     if kind.startswith("lora:"):
         return replace(cfg, adapter="lora", layers=[int(kind.split(":")[1])])
+    if kind.startswith("steer:"):
+        return replace(cfg, layers=[int(kind.split(":")[1])])
     if kind == "full":
         return replace(cfg, adapter="full")
     return cfg
@@ -53,12 +56,12 @@ def run_settings(kind, task, seed, target, out):
 
 def check_kind(kind):
     base, _, detail = kind.partition(":")
-    layer_ok = base == "lora" and detail.isdigit()
+    layer_ok = base in ("lora", "steer") and detail.isdigit()
     control_ok = base == "control" and detail in ("lora", "full")
     if base not in RUN_KINDS or (detail and not (layer_ok or control_ok)):
         choices = ", ".join(RUN_KINDS)
         raise ValueError(f"unknown run kind {kind!r} (choose from: {choices}, lora:L, "
-                         "control:lora, control:full)")
+                         "steer:L, control:lora, control:full)")
     return kind
 
 
@@ -189,8 +192,8 @@ def parse_args(argv):
                         help="targets, comma-separated (default: all of the world's)")
     parser.add_argument("--runs", type=train.comma_list,
                         default=["steer", "control", "lora", "full"],
-                        help="kinds of run: steer, control, lora, lora:L, full, control:lora, "
-                        "control:full "
+                        help="kinds of run: steer, steer:L, control, lora, lora:L, full, "
+                        "control:lora, control:full "
                         "(default: steer,control,lora,full)")
     parser.add_argument("--out", default=None, help="(default: runs/sweep-<task>)")
     args = parser.parse_args(argv)

@@ -23,9 +23,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="docs/composition.png")
+    parser.add_argument("--root", default="runs", help="where the compose-s<seed>-* runs are")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    mech = [json.load(open(f"runs/compose-s{s}-embed/analysis/compose_mechanism.json"))
+    mech = [json.load(open(f"{args.root}/compose-s{s}-embed/analysis/compose_mechanism.json"))
             for s in seeds]
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
@@ -47,8 +48,8 @@ def main():
     for eval_name, marker in (("in_distribution", "o"), ("oocr", "s")):
         means, sds = [], []
         for _, name in LAYER_RUNS:
-            values = [json.load(open(f"runs/compose-s{s}-{name}/metrics.json"))["eval"]["final"]
-                      [eval_name] for s in seeds]
+            values = [json.load(open(f"{args.root}/compose-s{s}-{name}/metrics.json"))
+                      ["eval"]["final"][eval_name] for s in seeds]
             means.append(statistics.mean(values))
             sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
         ax.errorbar(range(len(LAYER_RUNS)), means, yerr=sds, marker=marker, label=eval_name,

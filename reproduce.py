@@ -1,0 +1,1015 @@
+"""
+The reproduction study (issue 17): one command runs every part, then writes RESULTS.md and the
+figures it shows (docs/results/*.png) from the run directories it made or found under --out.
+
+    python reproduce.py                         # the whole study: a few CPU hours
+    python reproduce.py --quick                 # a reduced version: under 15 min on 2 CPU cores
+    python reproduce.py --parts composition --force    # rerun one part, then rewrite RESULTS.md
+
+Parts (in RESULTS.md's order): lora_vs_steering, composition, real_checkpoints, rl,
+reading_vectors, paper_numbers. A part is a function that runs what it needs (train.py runs
+through sweep.py or train.run, analyze.py subcommands through analyze.main) and returns its
+markdown section, its figures and the numbers later parts read. Each finished part leaves
+OUT/<part>/part.json; a part whose record exists (made at the same scale) is skipped unless
+--force, and inside a part every train.py run whose metrics.json exists is reused, so a stopped
+study resumes where it stopped. Every number in RESULTS.md comes from those runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm import tqdm
+
+import analyze
+import sweep
+import train
+from checkpoint import CheckpointError, atomic_write, read_json, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGURE_DIR = "docs/results"  # relative to RESULTS.md, so the repository page shows the figures
+RECORD = "part.json"
+SHORTCUTS = (("logit_bias", "bias"), ("answer_stats", "stats"), ("direct_path", "direct"),
+             ("random_p95", "rand95"))
+
+
+# -----------------------------------------------------------------------------
+# Scale: what --quick reduces. Steps stay at train.py's defaults, so a quick run's directories
+# are a subset of the full study's and a later full run reuses them.
+
+
+@dataclass(frozen=True)
+class Scale:
+    seeds: tuple = (0, 1, 2)  # world seeds (1 and 2 are pretrained on first use, ~2-4 min each)
+    targets: tuple | None = None  # persona worlds' targets; None = all 8
+    persona_kinds: tuple = ("steer", "steer:0", "steer:1", "steer:3", "control", "lora",
+                            "control:lora", "lora:0", "lora:1", "lora:2", "lora:3", "full",
+                            "control:full")
+    compose_runs: tuple | None = None  # names in COMPOSE_RUNS; None = all
+
+
+FULL = Scale()
+QUICK = Scale(seeds=(0,),
+              persona_kinds=("steer", "control", "lora", "lora:2", "full"),
+              compose_runs=("embed", "embed-opp", "full", "full-opp", "lora", "lora-opp",
+                            "steerL0", "steerL1", "steerL2", "steerL3"))
+STEER_LAYER = 2  # train.py's default steering block on the 4-layer toy models (the middle one)
+
+
+def reductions(full, quick):
+    """The settings --quick changes, in words: 'seeds: 0,1,2 -> 0'."""
+    def shown(value):
+        return "all" if value is None else ",".join(str(v) for v in value)
+
+    full_d, quick_d = asdict(full), asdict(quick)
+    return [f"{name}: {shown(full_d[name])} → {shown(quick_d[name])}"
+            for name in full_d if full_d[name] != quick_d[name]]
+
+
+# -----------------------------------------------------------------------------
+# The machine a part ran on, recorded beside its wall time
+
+
+def cpu_model():
+    """/proc/cpuinfo's model name where there is one (Linux), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    record = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "python": platform.python_version(),
+              "platform": platform.platform()}
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name(0)
+    return record
+
+
+def machine_line(m):
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), torch {m['torch']}, "
+            f"Python {m['python']}{gpu}")
+
+
+# -----------------------------------------------------------------------------
+# Numbers: mean ± spread over runs, shortcut baselines, and the verdict against them
+
+
+mean_sd = sweep.mean_and_spread  # [numbers] -> (mean, sample standard deviation; 0 for one)
+
+
+def cell(values):
+    """[numbers] -> '0.500 ± 0.141' (sample standard deviation; ± 0.000 for one run)."""
+    mean, sd = mean_sd(values)
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def run_margin(metrics, key):
+    """The run's accuracy on `key` minus its best shortcut there (random vectors by their 95th
+    percentile: train.margins' rule); None where the run has no shortcut for `key`."""
+    shortcuts = metrics.get("baselines") or {}
+    if not shortcuts or key not in next(iter(shortcuts.values())):
+        return None
+    return train.margins(metrics["eval"]["final"], shortcuts).get(key)
+
+
+def verdict(margins):
+    """Does the adapter beat every shortcut? 'yes' when the mean margin over runs is positive by
+    more than its standard deviation, 'no' when it is not positive, else 'unclear'. One run: the
+    sign of its margin."""
+    margins = [m for m in margins if m is not None]
+    if not margins:
+        return "-"
+    mean, sd = mean_sd(margins)
+    if mean <= 0:
+        return "no"
+    return "yes" if mean > sd else "unclear"
+
+
+def shortcut_cells(runs, key):
+    """'bias / stats / direct / rand95' on `key`, each a mean over runs; '-' where absent."""
+    def one(name):
+        values = [m["baselines"].get(name, {}).get(key) for m in runs]
+        return "-" if None in values else f"{statistics.fmean(values):.3f}"
+    return " / ".join(one(name) for name, _ in SHORTCUTS)
+
+
+def group_row(label, runs, evals, key):
+    """One markdown row: per eval 'base → tuned' (base as a mean, tuned as mean ± sd), the
+    shortcuts on `key`, the margin over the best of them and the verdict."""
+    cells = [label, str(runs[0]["trainable_params"])]
+    for name in evals:
+        base = statistics.fmean(m["eval"]["base"][name] for m in runs)
+        cells.append(f"{base:.3f} → {cell([m['eval']['final'][name] for m in runs])}")
+    margins = [run_margin(m, key) for m in runs]
+    known = [m for m in margins if m is not None]
+    cells += [shortcut_cells(runs, key), cell(known) if known else "-", verdict(margins)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def group_table(groups, evals, key):
+    """{label: [metrics of its runs]} -> a markdown table, one row per label."""
+    names = [f"{name} base → tuned" for name in evals]
+    header = ["run", "trainable", *names, f"{key}: " + " / ".join(s for _, s in SHORTCUTS),
+              f"{key} margin over the best shortcut", "beats every shortcut"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [group_row(label, runs, evals, key) for label, runs in groups.items()]
+    return "\n".join(lines)
+
+
+TABLE_NOTE = ("Each cell: base → tuned, mean ± standard deviation over the runs (targets × "
+              "seeds). Shortcut baselines (baselines.py, fitted per run, means over runs): "
+              "`bias` the best constant logit bias, `stats` the answer-statistics vector, "
+              "`direct` the trained vector after the last block, `rand95` the 95th percentile of "
+              "20 random vectors of its norm (the last two for steering vectors only). Margin = "
+              "tuned minus the run's best shortcut; beats every shortcut = \"yes\" when the mean "
+              "margin is positive by more than its standard deviation, \"no\" when it is not "
+              "positive, \"unclear\" between.")
+
+
+# -----------------------------------------------------------------------------
+# Run labels: the train.py flags that differ from the defaults
+
+
+LABEL_FIELDS = ("adapter", "layers", "hook", "positions", "lr", "steps")
+
+
+def train_flags(cfg):
+    """A TrainConfig -> the train.py flags that set it apart (task, seed, target and out left
+    out: the table's caption gives them)."""
+    default = train.TrainConfig()
+    flags = [f"--adapter {cfg.adapter}"]
+    for name in LABEL_FIELDS[1:]:
+        value = getattr(cfg, name)
+        if value != getattr(default, name):
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            flags.append(f"--{name.replace('_', '-')} {shown}")
+    if cfg.task_options.get("opposite"):
+        flags.append("--opposite")
+    return " ".join(flags)
+
+
+def where(cfg):
+    """Where an adapter sits when no --layer is given (train.adapter_layers' defaults)."""
+    if cfg.layers is not None or cfg.adapter == "full":
+        return ""
+    return " (all blocks)" if cfg.adapter == "lora" else f" (block {STEER_LAYER})"
+
+
+def kind_label(kind, task):
+    cfg = sweep.run_settings(kind, task, 0, 0, "")
+    return f"`{kind}`: `{train_flags(cfg)}`{where(cfg)}"
+
+
+# -----------------------------------------------------------------------------
+# Parts: the framework
+
+
+@dataclass
+class Context:
+    quick: bool
+    out: str
+    model: str | None = None
+    records: dict = field(default_factory=dict)  # finished parts' records, read by later parts
+    runs: dict = field(default_factory=lambda: {"trained": 0, "reused": 0})  # the current part's
+
+    def tally(self, run_dirs):
+        """Count the train.py runs about to be made or reused: a part's wall time means little
+        without knowing how many of its runs it trained."""
+        done = sum(os.path.exists(os.path.join(d, "metrics.json")) for d in run_dirs)
+        self.runs["reused"] += done
+        self.runs["trained"] += len(run_dirs) - done
+
+    @property
+    def scale(self):
+        return QUICK if self.quick else FULL
+
+    def part_dir(self, name):
+        path = os.path.join(self.out, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+@dataclass
+class Section:
+    markdown: str
+    figures: list = field(default_factory=list)  # PNG paths inside the part's directory
+    data: dict = field(default_factory=dict)  # the numbers later parts (paper_numbers) read
+
+
+@dataclass(frozen=True)
+class Part:
+    title: str
+    function: object  # Context -> Section
+    cheap: bool = False  # runs nothing: rebuilt every time from the other parts' records
+
+
+def plan(ctx):
+    """What decides a part's outputs: a record made at another scale is not reused. As JSON
+    holds it (tuples become lists), so a stored plan compares equal."""
+    return json.loads(json.dumps({"scale": asdict(ctx.scale), "model": ctx.model}))
+
+
+def record_path(ctx, name):
+    return os.path.join(ctx.out, name, RECORD)
+
+
+def run_part(ctx, name, force=False):
+    """Run one part (or reuse its record) -> its record."""
+    part = PARTS[name]
+    record = None if force else stored_record(ctx, name)
+    if record is not None:
+        print(f"[{name}] reused {record_path(ctx, name)} (--force reruns it)")
+        return record
+    print(f"[{name}] running")
+    started = time.time()
+    ctx.runs = {"trained": 0, "reused": 0}
+    section = part.function(ctx)
+    record = {"name": name, "title": part.title, "plan": plan(ctx),
+              "markdown": section.markdown, "data": section.data, "runs": dict(ctx.runs),
+              "figures": [os.path.abspath(f) for f in section.figures],
+              "seconds": round(time.time() - started, 1), "machine": machine(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if not part.cheap:
+        write_json(os.path.join(ctx.part_dir(name), RECORD), record)
+    return record
+
+
+def stored_record(ctx, name):
+    """The part's record from an earlier run at this scale, or None (cheap parts keep none)."""
+    path = record_path(ctx, name)
+    if PARTS[name].cheap or not os.path.exists(path):
+        return None
+    record = read_json(path)
+    return record if record.get("plan") == plan(ctx) else None
+
+
+# -----------------------------------------------------------------------------
+# Part 1: LoRA ≈ a steering vector? The persona worlds
+
+
+PERSONA_WORLDS = {"persona": ("in_distribution", "oocr", "oocr_in_context"),
+                  "persona_hard": ("in_distribution", "oocr", "oocr_name", "oocr_in_context")}
+
+
+def sweep_argv(task, scale, out):
+    argv = ["--task", task, "--seeds", ",".join(map(str, scale.seeds)),
+            "--runs", ",".join(scale.persona_kinds), "--out", out]
+    if scale.targets is not None:
+        argv += ["--targets", ",".join(map(str, scale.targets))]
+    return argv
+
+
+def sweep_dirs(task, scale, out, kinds=None):
+    """The run directories of the sweep (of the given kinds only)."""
+    targets = scale.targets or sweep.world_targets(task, scale.seeds[0])
+    return [sweep.run_dir(out, kind, s, t)
+            for kind in kinds or scale.persona_kinds for s in scale.seeds for t in targets]
+
+
+def world_runs(task, scale, out):
+    """{kind: [metrics of every (seed, target)]}, read back from the sweep's run directories."""
+    return {kind: [read_json(os.path.join(d, "metrics.json"))
+                   for d in sweep_dirs(task, scale, out, [kind])]
+            for kind in scale.persona_kinds}
+
+
+def steer_kind(layer):
+    """The sweep's kind for the steering vector at `layer` (the default block is plain steer)."""
+    return "steer" if layer == STEER_LAYER else f"steer:{layer}"
+
+
+def analysed_layers(kinds):
+    """The blocks with both a one-layer LoRA and a steering vector in the sweep."""
+    layers = [int(k.partition(":")[2]) for k in kinds if k.startswith("lora:")]
+    return [layer for layer in layers if steer_kind(layer) in kinds]
+
+
+def lora_analysis(out, layer):
+    """analyze.py lora_vs_steering on the seed-0, target-0 LoRA at `layer`, beside the steering
+    vector trained at the same block (seconds: rerun every time) -> (record, PNG, command)."""
+    analysis_dir = os.path.join(out, "analysis", f"block{layer}")
+    argv = ["lora_vs_steering", "--run", sweep.run_dir(out, f"lora:{layer}", 0, 0),
+            "--steer-run", sweep.run_dir(out, steer_kind(layer), 0, 0), "--out", analysis_dir]
+    analyze.main(argv)
+    return (read_json(os.path.join(analysis_dir, "lora_vs_steering.json")),
+            os.path.join(analysis_dir, "lora_vs_steering.png"), argv)
+
+
+def lora_numbers(record):
+    """The numbers of a lora_vs_steering record that the tables and paper_numbers use."""
+    groups = {name: {k: g[k] for k in ("n_tokens", "pc1_share", "mean_abs_cos",
+                                       "mean_abs_cos_pc1", "mean_norm")}
+              for name, g in record["groups"].items()}
+    return {"hook": record["hook"], "cos_natural_trained": record["cos_natural_trained"],
+            "groups": groups, "accuracy": record["accuracy"],
+            "positive_share": record["sign_split"]["natural"]["positive_share"]}
+
+
+def slashed(values, digits=3):
+    return " / ".join(fmt(v, digits) for v in values)
+
+
+def lora_row(layer, n):
+    """One block's row: the diffs' geometry, the sign split and the substituted accuracies."""
+    groups, acc, shares = n["groups"].values(), n["accuracy"], n["positive_share"]
+    states = [s for s in ("base", "lora", "natural", "-natural", "trained") if s in acc]
+    return (f"| {layer} | {slashed(g['pc1_share'] for g in groups)} | "
+            f"{slashed(g['mean_abs_cos'] for g in groups)} | {fmt(n['cos_natural_trained'])} | "
+            f"{slashed([shares['seen'], shares['never_seen']], 2)} | "
+            f"{slashed(acc[s]['oocr'] for s in states)} | {n['shortcuts']} | "
+            f"{slashed(acc[s]['in_distribution'] for s in states)} |")
+
+
+def lora_markdown(per_layer, command):
+    """{block: numbers} -> a table, one row per block."""
+    first = next(iter(per_layer.values()))
+    groups = " / ".join(first["groups"])
+    states = " / ".join(s for s in ("base", "lora", "natural", "-natural", "trained")
+                        if s in first["accuracy"])
+    header = ["block", f"PC1 share ({groups})", f"mean abs cos between token diffs ({groups})",
+              "cos(natural, trained)", "diffs along the natural vector: seen / never seen in "
+              "fine-tuning", f"oocr: {states}", "oocr shortcuts of the block's steering run: "
+              + " / ".join(name for _, name in SHORTCUTS), f"in_distribution: {states}"]
+    lines = [f"Per block, one run (seed 0, target 0): the one-layer LoRA's per-token output "
+             f"differences read by `analyze.py lora_vs_steering` beside the steering vector "
+             f"trained at the same block (e.g. `python analyze.py {' '.join(command)}`); the "
+             f"natural vector (PC1 × mean norm) and the trained vector put in the LoRA's place.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [lora_row(layer, n) for layer, n in per_layer.items()]
+    return "\n".join(lines)
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def cross_target_line(summary):
+    cross = summary.get("cross_target")
+    if not cross:
+        return "", {}
+    text = (f"Cross-target matrix of the steering vectors (vector trained on target j scored "
+            f"on target i's probe, mean over seeds): oocr {cross['diagonal']:.3f} on its own "
+            f"target, {cross['off_diagonal']:.3f} on the others.")
+    return text, {"diagonal": cross["diagonal"], "off_diagonal": cross["off_diagonal"]}
+
+
+def persona_world_section(ctx, task, part_dir):
+    """One world: the sweep, its table, the cross-target matrix and the LoRA analysis."""
+    out = os.path.join(part_dir, task)
+    argv = sweep_argv(task, ctx.scale, out)
+    ctx.tally(sweep_dirs(task, ctx.scale, out))
+    sweep.main(argv)  # reuses every run whose metrics.json exists
+    runs = world_runs(task, ctx.scale, out)
+    evals = PERSONA_WORLDS[task]
+    groups = {kind_label(kind, task): metrics for kind, metrics in runs.items()}
+    summary = read_json(os.path.join(out, "summary.json"))
+    cross_text, cross = cross_target_line(summary)
+    figures = [copy_as(os.path.join(out, "cross_target.png"),
+                       os.path.join(part_dir, f"{task}_cross_target.png"))]
+    per_layer, links = {}, []
+    for layer in analysed_layers(ctx.scale.persona_kinds):
+        record, png, command = lora_analysis(out, layer)
+        steer_run = read_json(os.path.join(sweep.run_dir(out, steer_kind(layer), 0, 0),
+                                           "metrics.json"))
+        per_layer[str(layer)] = {**lora_numbers(record),
+                                 "shortcuts": shortcut_cells([steer_run], "oocr")}
+        figures.append(copy_as(png, os.path.join(part_dir, f"{task}_lora_block{layer}.png")))
+        links.append(figure_link(figures[-1], f"{task}: LoRA vs steering at block {layer}"))
+    text = "\n".join([
+        f"### `{task}`", "", f"`python sweep.py {' '.join(argv)}` ({run_count(runs)})", "",
+        group_table(groups, evals, "oocr"), "", cross_text, "",
+        figure_link(figures[0], f"{task}: cross-target matrix"), "",
+        lora_markdown(per_layer, command) if per_layer else "No one-layer LoRA analysed.", "",
+        *links])
+    data = {"runs": {kind: summarise_kind(metrics) for kind, metrics in runs.items()},
+            "cross_target": cross, "lora_analysis": per_layer}
+    return text, figures, data
+
+
+def run_count(runs):
+    """{kind: [metrics]} -> '40 runs of 200 steps' (the steps as the runs recorded them)."""
+    every = [m for metrics in runs.values() for m in metrics]
+    steps = "/".join(str(n) for n in sorted({m["steps"] for m in every}))
+    return f"{len(every)} runs of {steps} steps"
+
+
+def summarise_kind(runs):
+    """The numbers paper_numbers reads of one kind of run: base and tuned means per eval, the
+    margins on oocr and the verdict."""
+    evals = runs[0]["eval"]["final"]
+    margins = [run_margin(m, "oocr") for m in runs]
+    known = [m for m in margins if m is not None]
+    return {"n": len(runs),
+            "base": {k: statistics.fmean(m["eval"]["base"][k] for m in runs) for k in evals},
+            "final": {k: mean_sd([m["eval"]["final"][k] for m in runs]) for k in evals},
+            "margin": mean_sd(known) if known else None, "verdict": verdict(margins)}
+
+
+def copy_as(src, dst):
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def figure_link(path, alt):
+    return f"![{alt}]({FIGURE_DIR}/{os.path.basename(path)})"
+
+
+def lora_vs_steering_part(ctx):
+    part_dir = ctx.part_dir("lora_vs_steering")
+    texts, figures, data = [], [], {}
+    for task in PERSONA_WORLDS:
+        text, figs, data[task] = persona_world_section(ctx, task, part_dir)
+        texts.append(text)
+        figures += figs
+    intro = ("Base vs full fine-tune vs all-layer LoRA vs one-layer LoRA vs trained steering "
+             "vector and the opposite-answer controls (Wang, Engels et al. 2025), on the easy "
+             "`persona` world (whose probe an output bias can answer) and on `persona_hard` "
+             "(Latin-square attributes: no constant output bias answers `oocr`; the name probe, "
+             "which one can, is `oocr_name`). " + TABLE_NOTE)
+    return Section("\n\n".join([intro, *texts]), figures, data)
+
+
+# -----------------------------------------------------------------------------
+# Part 2: A -> B, B -> C => A -> C (the compose world)
+
+
+# the runs of experiments/compose_runs.sh, with its names, so its tables and figure read ours
+COMPOSE_RUNS = {
+    "embed": "--adapter steer --positions codename --hook hook_resid_pre --layer 0 --lr 1e-1",
+    "embed-opp": "--adapter steer --positions codename --hook hook_resid_pre --layer 0 --lr 1e-1 "
+                 "--opposite",
+    "full": "--adapter full",
+    "full-opp": "--adapter full --opposite",
+    "lora": "--adapter lora",
+    "lora-opp": "--adapter lora --opposite",
+    "steerL0": "--adapter steer --positions codename --layer 0 --lr 1e-1",
+    "steerL1": "--adapter steer --positions codename --layer 1 --lr 1e-1",
+    "steerL2": "--adapter steer --positions codename --layer 2 --lr 1e-1",
+    "steerL2-opp": "--adapter steer --positions codename --layer 2 --lr 1e-1 --opposite",
+    "steerL3": "--adapter steer --positions codename --layer 3 --lr 1e-1",
+    "steerall": "--adapter steer --positions all --layer 2 --lr 1e-1",
+    "lora0": "--adapter lora --layer 0",
+    "lora1": "--adapter lora --layer 1",
+    "lora2": "--adapter lora --layer 2",
+    "lora3": "--adapter lora --layer 3",
+    "lora-lr1e-2": "--adapter lora --lr 1e-2",
+    "lora-lr1e-2-opp": "--adapter lora --lr 1e-2 --opposite",
+    "steerL1-1000": "--adapter steer --positions codename --layer 1 --lr 1e-1 --steps 1000",
+    "steerL2-1000": "--adapter steer --positions codename --layer 2 --lr 1e-1 --steps 1000",
+}
+COMPOSE_EVALS = ("in_distribution", "oocr", "oocr_in_context", "reversal", "heldout_two_hop")
+EXPERIMENTS = os.path.join(HERE, "experiments")
+
+
+def compose_dir(root, seed, name):
+    return os.path.join(root, f"compose-s{seed}-{name}")
+
+
+def compose_argv(root, seed, name):
+    return ["--task", "compose", "--seed", str(seed), "--threads", "1",
+            "--out", compose_dir(root, seed, name), *COMPOSE_RUNS[name].split()]
+
+
+def compose_run(root, seed, name):
+    """One compose run's metrics; read back if it finished before."""
+    metrics_path = os.path.join(compose_dir(root, seed, name), "metrics.json")
+    if os.path.exists(metrics_path):
+        return read_json(metrics_path)
+    cfg = train.parse_args(compose_argv(root, seed, name))
+    checkpoint = os.path.join(cfg.out, "checkpoint.safetensors")
+    return train.run(replace(cfg, resume=os.path.exists(checkpoint)))
+
+
+def run_script(script, *args):
+    """An experiments/ script in its own process, one thread (they parse sys.argv)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, os.path.join(EXPERIMENTS, script), *map(str, args)]
+    subprocess.run(command, check=True, env=env, cwd=HERE)
+    return f"python experiments/{script} " + " ".join(map(str, args))
+
+
+def compose_mechanism(root, seeds):
+    """experiments/compose_mechanism.py on each seed's embedding run (seconds: rerun every
+    time) -> (records, the last command)."""
+    records, command = [], ""
+    for seed in seeds:
+        run = compose_dir(root, seed, "embed")
+        command = run_script("compose_mechanism.py", run)
+        records.append(read_json(os.path.join(run, "analysis", "compose_mechanism.json")))
+    return records, command
+
+
+def mechanism_markdown(records, command):
+    """The interventions that test the route, per seed: the untrained alias and the residual
+    transplant per layer."""
+    rows = records[0]["rows"]
+    transplant = {row: [r["new_residual_into_person"].get(row) for r in records] for row in rows}
+    alias = [r["alias_embedding"]["resident_mean"]["oocr"] for r in records]
+    lines = [f"Mechanism (`{command}`, per seed): the new persons' embeddings set, with no "
+             f"training, to the mean of their place's residents give oocr {cell(alias)}. The "
+             "new person's residual at the subject position written into a pretraining "
+             "person's prompt (`BOS P Rk`) makes it answer the new person's value:", "",
+             "| layer | share answering the new person's value |", "|---|---|"]
+    lines += [f"| {row} | {cell(v)} |" for row, v in transplant.items()
+              if None not in v]
+    return "\n".join(lines)
+
+
+def composition_part(ctx):
+    part_dir = ctx.part_dir("composition")
+    scale = ctx.scale
+    names = list(scale.compose_runs or COMPOSE_RUNS)
+    plan_runs = [(s, n) for n in names for s in scale.seeds]
+    runs = {n: [] for n in names}
+    ctx.tally([compose_dir(part_dir, s, n) for s, n in plan_runs])
+    for seed, name in tqdm(plan_runs, desc="composition", dynamic_ncols=True):
+        runs[name].append(compose_run(part_dir, seed, name))
+    groups = {f"`{n}`: `{COMPOSE_RUNS[n]}`": runs[n] for n in names}
+    records, command = compose_mechanism(part_dir, scale.seeds)
+    figure = os.path.join(part_dir, "composition.png")
+    figure_command = run_script("compose_figure.py", "--seeds", ",".join(map(str, scale.seeds)),
+                                "--root", part_dir, "--out", figure)
+    curves = copy_as(os.path.join(compose_dir(part_dir, scale.seeds[0], "embed"), "curves.png"),
+                     os.path.join(part_dir, "composition_embed_curves.png"))
+    example = "--task compose --seed SEED --threads 1 --out DIR"
+    text = "\n".join([
+        "The compose world (docs/composition.md): fine-tuning on 16 new persons' `N LIVES B` "
+        "facts only; the probe `N Rk → C` is in no training data (chance 1/16); the opposite "
+        "control moves each new person to another's place. " + TABLE_NOTE, "",
+        f"Each run: `python train.py {example}` plus the row's flags, seeds "
+        f"{','.join(map(str, scale.seeds))} (the runs of `sh experiments/compose_runs.sh SEED`, "
+        "with its names).", "",
+        group_table(groups, COMPOSE_EVALS, "oocr"), "",
+        mechanism_markdown(records, command), "",
+        f"`{figure_command}`:", "", figure_link(figure, "composition: patching and per-block "
+                                                "vectors"), "",
+        f"Training curve of the embedding adapter (seed {scale.seeds[0]}):", "",
+        figure_link(curves, "composition: training curve")])
+    data = {"runs": {n: summarise_kind(runs[n]) for n in names},
+            "alias_oocr": mean_sd([r["alias_embedding"]["resident_mean"]["oocr"]
+                                   for r in records])}
+    return Section(text, [figure, curves], data)
+
+
+# -----------------------------------------------------------------------------
+# Parts 3 and 4: not implemented yet, and said so
+
+
+def not_implemented(number, name):
+    def part(ctx):
+        model = f" (`--model {ctx.model}` was given and not used)" if ctx.model else ""
+        text = f"**Not yet run: part {number} ({name}) is not implemented.**{model}"
+        return Section(text, [], {"implemented": False})
+    return part
+
+
+# -----------------------------------------------------------------------------
+# Part 5: reading the vectors (the refusal-steering study's methods), on the toy runs
+
+
+def read_vector(run_dir, analysis_dir):
+    """analyze.py read_vector on a steering run (seconds: rerun every time, unlike training)
+    -> (record, command)."""
+    argv = ["read_vector", "--run", run_dir, "--out", analysis_dir]
+    analyze.main(argv)
+    return read_json(os.path.join(analysis_dir, "read_vector.json")), argv
+
+
+def effect_kept(table, keep, key):
+    """Share of the full vector's accuracy gain (over 0% kept = the base) that `keep`% of its
+    dimensions keep; None where the full vector gains nothing."""
+    full, none = table["100"][key], table["0"][key]
+    if abs(full - none) < 1e-9:
+        return None
+    return (table[keep][key] - none) / (full - none)
+
+
+READ_KEYS = ("in_distribution", "oocr")  # the trained behaviour and the probe
+SPARSE_KEEPS = ("10", "1")  # % of dimensions kept: 90% and 99% sparsity
+
+
+def reading_numbers(record):
+    """The numbers of a read_vector record that the section and paper_numbers use."""
+    layer = next(iter(record["readout"]))
+    readout = record["readout"][layer]
+    frozen = record["frozen_attention"]
+    return {
+        "hook": readout["hook"], "relative_norm": readout["relative_norm"],
+        "boosted": [label for label, _ in readout["final_norm"]["boosted"][:5]],
+        "suppressed": [label for label, _ in readout["final_norm"]["suppressed"][:5]],
+        "sweep": {c: {k: scores[k] for k in READ_KEYS}
+                  for c, scores in record["strength_sweep"].items()},
+        "kept": {ranking: {key: {keep: effect_kept(table, keep, key) for keep in SPARSE_KEEPS}
+                           for key in READ_KEYS}
+                 for ranking, table in record["sparsification"].items()},
+        "frozen_share": {name: runs["share"]["metric"] for name, runs in frozen.items()},
+    }
+
+
+def kept_text(kept):
+    """{key: {keep: share}} -> 'in_distribution 0.90 / 0.40, oocr - / -' (10% / 1% kept)."""
+    return ", ".join(f"{key} " + " / ".join(fmt(share, 2) for share in by_keep.values())
+                     for key, by_keep in kept.items())
+
+
+def reading_markdown(task, n, metrics, command):
+    base, final = metrics["eval"]["base"], metrics["eval"]["final"]
+    sweep_cells = ", ".join(f"{c}: " + "/".join(f"{v[k]:.2f}" for k in READ_KEYS)
+                            for c, v in n["sweep"].items())
+    kept = "; ".join(f"by {ranking}: {kept_text(k)}" for ranking, k in n["kept"].items())
+    frozen = ", ".join(f"{name} {share:.0%}" for name, share in n["frozen_share"].items())
+    changes = ", ".join(f"{k} {base[k]:.3f} → {final[k]:.3f}" for k in READ_KEYS)
+    return "\n".join([
+        f"### `{task}` (seed 0, target 0; `python analyze.py {' '.join(command)}`)", "",
+        f"- vector at `{n['hook']}`: norm {n['relative_norm']:.2f} × the residual stream's; "
+        f"base → steered: {changes}; shortcuts on oocr (bias / stats / direct / rand95): "
+        f"{shortcut_cells([metrics], 'oocr')}",
+        f"- through the final norm and the unembedding it boosts {', '.join(n['boosted'])} and "
+        f"suppresses {', '.join(n['suppressed'])}",
+        f"- strength sweep (coefficient: {'/'.join(READ_KEYS)} accuracy; 0 = base): "
+        f"{sweep_cells}",
+        f"- sparsified, share of the accuracy gain kept with 10% / 1% of the dimensions "
+        f"(- = no gain to keep): {kept}",
+        f"- attention frozen to the unsteered run's: share of the effect (mean log p of the "
+        f"right option) kept: {frozen}"])
+
+
+def reading_vectors_part(ctx):
+    part_dir = ctx.part_dir("reading_vectors")
+    texts, figures, data = [], [], {}
+    # the steering runs of part 1 (the same directories: made there, or here if part 1 is not run)
+    source = os.path.join(ctx.out, "lora_vs_steering")
+    for task in tqdm(PERSONA_WORLDS, desc="reading_vectors", dynamic_ncols=True):
+        out = os.path.join(source, task)
+        ctx.tally([sweep.run_dir(out, "steer", 0, 0)])
+        metrics = sweep.run_once("steer", task, 0, 0, out)
+        analysis_dir = os.path.join(part_dir, task)
+        record, command = read_vector(sweep.run_dir(out, "steer", 0, 0), analysis_dir)
+        data[task] = reading_numbers(record)
+        texts.append(reading_markdown(task, data[task], metrics, command))
+        figures.append(copy_as(os.path.join(analysis_dir, "read_vector.png"),
+                               os.path.join(part_dir, f"{task}_read_vector.png")))
+        texts.append(figure_link(figures[-1], f"{task}: reading the vector"))
+    intro = ("The trained steering vector of each persona world read with the refusal-steering "
+             "study's methods (`analyze.py read_vector`). Not yet: multi-token patching of the "
+             "steered run, the vectors as SAE features.")
+    return Section("\n\n".join([intro, *texts]), figures, data)
+
+
+# -----------------------------------------------------------------------------
+# Part 6: the seed papers' numbers beside ours, each with a verdict computed from ours
+
+
+PAPER = "Wang, Engels et al. 2025 (Gemma-3-12B)"
+REFUSAL = "the refusal-steering study"
+# the discussion's last sentence is a person's judgement, not something to generate
+REASON_PLACEHOLDER = "Most likely reason: to be written after reading the numbers."
+
+
+@dataclass
+class Claim:
+    source: str
+    claim: str
+    paper: str
+    ours: str
+    verdict: str  # generated from our numbers: what agrees and what does not
+
+
+def not_measured(part):
+    return f"not measured here (part {part} is not run)"
+
+
+def real_task_claims():
+    """The paper's task numbers (and its backdoor null): measurable only on real checkpoints
+    (part 3)."""
+    rows = (("Risky self-report", "0.40 → LoRA 0.70 / SV 0.80"),
+            ("Functions", "0.20 → LoRA 0.92 / SV 0.90"),
+            ("Locations", "0.20 → LoRA 0.68 / SV 0.28"),
+            ("Backdoor self-report", "not reproduced by a vector"))
+    return [Claim(PAPER, f"{task} accuracy", paper, not_measured(3), "-")
+            for task, paper in rows]
+
+
+def toy_oocr_claim(world, runs):
+    """The toy analogue of 'a LoRA and a steering vector both induce OOCR'."""
+    def shown(kind):
+        r = runs.get(kind)
+        return "-" if r is None else f"{r['final']['oocr'][0]:.3f} ({r['verdict']})"
+
+    some = next(iter(runs.values()))
+    ours = (f"`{world}` oocr: base {some['base']['oocr']:.3f} → all-layer LoRA {shown('lora')}"
+            f" / SV {shown('steer')} / full {shown('full')} (beats every shortcut?)")
+    lora, steer = (runs.get(k, {}).get("verdict", "-") for k in ("lora", "steer"))
+    verdict = (f"all-layer LoRA beats every shortcut: {lora}; steering vector: {steer}. "
+               + REASON_PLACEHOLDER)
+    return Claim(PAPER, "a LoRA and a trained steering vector both induce OOCR",
+                 "both raise the probe (numbers above)", ours, verdict)
+
+
+def per_block(per_layer, show):
+    """'block 0: ...; block 1: ...' with show(numbers) for each analysed block."""
+    return "; ".join(f"block {layer}: {show(n)}" for layer, n in per_layer.items())
+
+
+def group_values(n, stat):
+    return ", ".join(f"{g} {v[stat]:.3f}" for g, v in n["groups"].items())
+
+
+def lora_geometry_claims(world, per_layer):
+    def every(stat, floor):
+        return all(g[stat] >= floor for n in per_layer.values() for g in n["groups"].values())
+
+    hook = next(iter(per_layer.values()))["hook"].split(".", 2)[-1]
+    return [
+        Claim(PAPER, "abs cos between a one-layer LoRA's token diffs ≈ 1", "≈ 1",
+              f"`{world}`, {hook}: " + per_block(per_layer,
+                                                 lambda n: group_values(n, "mean_abs_cos")),
+              f"every block and group ≥ 0.9: {'yes' if every('mean_abs_cos', 0.9) else 'no'}. "
+              + REASON_PLACEHOLDER),
+        Claim(PAPER, "PC1 share of the token diffs", "0.76-0.99",
+              f"`{world}`: " + per_block(per_layer, lambda n: group_values(n, "pc1_share")),
+              f"every block and group ≥ 0.76: {'yes' if every('pc1_share', 0.76) else 'no'}. "
+              + REASON_PLACEHOLDER),
+    ]
+
+
+def natural_share(acc, state="natural"):
+    """Share of the LoRA's oocr gain over the base that the natural vector (or its negation,
+    state "-natural") keeps in the LoRA's place; None where the LoRA gains nothing."""
+    base, lora, natural = (acc[s]["oocr"] for s in ("base", "lora", state))
+    return None if lora - base <= 1e-9 else (natural - base) / (lora - base)
+
+
+def natural_vector_claim(world, per_layer):
+    """'The natural vector reproduces much of the OOCR': does it keep half the LoRA's gain?"""
+    def shown(n):
+        acc = n["accuracy"]
+        share = natural_share(acc)
+        kept = "LoRA gains nothing" if share is None else f"keeps {share:.0%}"
+        return (f"base {acc['base']['oocr']:.3f}, LoRA {acc['lora']['oocr']:.3f}, natural "
+                f"{acc['natural']['oocr']:.3f}, −natural {acc['-natural']['oocr']:.3f} ({kept})")
+
+    shares = [natural_share(n["accuracy"]) for n in per_layer.values()]
+    gained = [x for x in shares if x is not None]
+    negated = [natural_share(n["accuracy"], "-natural") for n in per_layer.values()]
+    negated = [x for x in negated if x is not None]
+    verdict = (f"the LoRA raises oocr at {len(gained)} of {len(shares)} blocks; there the natural "
+               f"vector keeps at least half of its gain at {sum(x >= 0.5 for x in gained)}, "
+               f"its negation at {sum(x >= 0.5 for x in negated)}. " + REASON_PLACEHOLDER)
+    return Claim(PAPER, "the LoRA's natural vector in its place reproduces much of the OOCR",
+                 "much of it", f"`{world}` oocr: " + per_block(per_layer, shown), verdict)
+
+
+def refusal_claims(world, numbers):
+    frozen = numbers["frozen_share"]
+    costs = ", ".join(f"{name} {1 - share:.1%}" for name, share in frozen.items())
+    kept = numbers["kept"]["magnitude"]
+    shares = [x for by_keep in kept.values() for x in by_keep.values() if x is not None]
+    keeps = "no gain to keep" if not shares else \
+        f"keeps more than half at 90% and 99% sparsity: {'yes' if min(shares) > 0.5 else 'no'}"
+    cheap = all(share > 0.8 for share in frozen.values())
+    return [
+        Claim(REFUSAL, "freezing attention costs little of a steering vector's effect",
+              "8.75% of the effect lost", f"`{world}`: lost {costs}",
+              f"lost < 20% on every set: {'yes' if cheap else 'no'}. " + REASON_PLACEHOLDER),
+        Claim(REFUSAL, "a vector sparsified by 90-99% keeps most of its effect",
+              "most of the effect", f"`{world}`, by magnitude, gain kept at 10% / 1% of the "
+              f"dimensions: {kept_text(kept)}", f"{keeps}. " + REASON_PLACEHOLDER),
+    ]
+
+
+def paper_claims(records):
+    """Every claim of issue 17 point 6, with ours where a finished part measured it."""
+    claims = real_task_claims()
+    lora_part = records.get("lora_vs_steering")
+    for world in PERSONA_WORLDS:
+        if lora_part is None:
+            claims.append(Claim(PAPER, f"toy analogues on `{world}`", "-", not_measured(1), "-"))
+            continue
+        data = lora_part["data"][world]
+        claims.append(toy_oocr_claim(world, data["runs"]))
+        if data["lora_analysis"]:
+            claims += lora_geometry_claims(world, data["lora_analysis"])
+            claims.append(natural_vector_claim(world, data["lora_analysis"]))
+    reading = records.get("reading_vectors")
+    for world in PERSONA_WORLDS:
+        if reading is None:
+            claims.append(Claim(REFUSAL, f"attention freezing, sparsity on `{world}`", "-",
+                                not_measured(5), "-"))
+            continue
+        claims += refusal_claims(world, reading["data"][world])
+    return claims
+
+
+def claims_table(claims):
+    lines = ["| source | claim | paper | ours | verdict (from our numbers) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {c.source} | {c.claim} | {c.paper} | {c.ours} | {c.verdict} |"
+              for c in claims]
+    return "\n".join(lines)
+
+
+def paper_numbers_part(ctx):
+    claims = paper_claims(ctx.records)
+    intro = ("The seed papers' numbers beside ours where a part of this study measured the "
+             "comparable one. Every verdict is computed from the numbers in the other sections; "
+             "thresholds are in the verdict's words. The toy worlds are analogues of the "
+             "paper's tasks, not the same tasks.")
+    return Section(intro + "\n\n" + claims_table(claims), [],
+                   {"claims": [asdict(c) for c in claims]})
+
+
+PARTS = {
+    "lora_vs_steering": Part("1. LoRA ≈ a steering vector? (the persona worlds)",
+                             lora_vs_steering_part),
+    "composition": Part("2. A → B, B → C ⇒ A → C (the compose world)", composition_part),
+    "real_checkpoints": Part("3. Real checkpoints", not_implemented(3, "real checkpoints"),
+                             cheap=True),
+    "rl": Part("4. RL-trained vectors", not_implemented(4, "RL-trained vectors"), cheap=True),
+    "reading_vectors": Part("5. Reading vectors", reading_vectors_part),
+    "paper_numbers": Part("6. The seed papers' numbers beside ours", paper_numbers_part,
+                          cheap=True),
+}
+
+
+# -----------------------------------------------------------------------------
+# RESULTS.md
+
+
+def header(ctx, argv, records, total_seconds):
+    command = "python reproduce.py " + " ".join(argv) if argv else "python reproduce.py"
+    lines = ["# Results: the reproduction study", "",
+             f"Generated by `{command.strip()}` on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the run directories "
+             f"under `{ctx.out}`; do not edit by hand, rerun the command. Machine: "
+             f"{machine_line(machine())}. Whole command: {total_seconds:.0f} s (parts reused "
+             "from earlier runs count their own recorded time below, not this one).", ""]
+    if ctx.quick:
+        lines += ["> **This is a quick run (`--quick`), not the study.** Reduced: "
+                  + "; ".join(reductions(FULL, QUICK)) + ". Training steps are unchanged. "
+                  "Run `python reproduce.py` for the whole study.", ""]
+    lines += ["| part | finished | wall time | train.py runs: trained / reused | machine |",
+              "|---|---|---|---|---|"]
+    for name, part in PARTS.items():
+        r = records.get(name)
+        if r is None:
+            lines.append(f"| {part.title} | not run (`--parts {name}`) | - | - | - |")
+        elif r["data"].get("implemented") is False:
+            lines.append(f"| {part.title} | not yet run: part not implemented | - | - | - |")
+        else:
+            runs = r.get("runs", {})
+            lines.append(f"| {part.title} | {r['finished']} | {r['seconds']:.0f} s | "
+                         f"{runs.get('trained', 0)} / {runs.get('reused', 0)} | "
+                         f"{machine_line(r['machine'])} |")
+    return "\n".join(lines)
+
+
+def section_markdown(name, record):
+    if record is None:
+        return f"## {PARTS[name].title}\n\nNot run (`python reproduce.py --parts {name}`)."
+    return f"## {record['title']}\n\n{record['markdown']}"
+
+
+def publish_figures(records, results_path):
+    """Copy every part's figures next to RESULTS.md, where its links point."""
+    target = os.path.join(os.path.dirname(os.path.abspath(results_path)), FIGURE_DIR)
+    os.makedirs(target, exist_ok=True)
+    for record in records.values():
+        for path in record["figures"]:
+            shutil.copyfile(path, os.path.join(target, os.path.basename(path)))
+
+
+def write_results(ctx, argv, records, results_path, total_seconds):
+    sections = [header(ctx, argv, records, total_seconds)]
+    sections += [section_markdown(name, records.get(name)) for name in PARTS]
+    text = "\n\n".join(sections) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    publish_figures(records, results_path)
+    atomic_write(results_path, write)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def part_list(text):
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        shown = ", ".join(map(repr, unknown)) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown part {shown} (choose from: "
+                                         f"{', '.join(PARTS)})")
+    return names
+
+
+def parse_args(argv):
+    parser = train.OneLineParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a reduced study, under 15 min on "
+                        "2 CPU cores: fewer seeds, targets and kinds of run (RESULTS.md lists "
+                        "them)")
+    parser.add_argument("--force", action="store_true", help="rerun the chosen parts even if "
+                        "their records exist (train.py runs with a metrics.json are still reused)")
+    parser.add_argument("--parts", type=part_list, default=list(PARTS),
+                        help=f"comma-separated (default: all: {','.join(PARTS)})")
+    parser.add_argument("--out", default=os.path.join("runs", "reproduce"),
+                        help="where the runs and the part records go (default: runs/reproduce)")
+    parser.add_argument("--model", help="a real checkpoint for part 3 (e.g. a local "
+                        "gemma-3-12b-it directory; part 3 is not implemented yet)")
+    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
+                        help="the markdown written (default: RESULTS.md at the repository root; "
+                        "figures go to docs/results/ beside it)")
+    parser.add_argument("--threads", type=train.positive_int, default=1,
+                        help="CPU threads (default: 1; the toy models' matmuls are too small to "
+                        "share a core)")
+    return parser.parse_args(argv)
+
+
+def run_parts(ctx, args):
+    """The chosen parts (and the cheap ones) run or reused, the others' stored records read."""
+    for name in PARTS:  # in order: paper_numbers reads the records of the parts before it
+        if name in args.parts or PARTS[name].cheap:  # cheap parts: always rebuilt
+            ctx.records[name] = run_part(ctx, name, args.force)
+            torch.set_num_threads(args.threads)  # train.run sets its own
+        else:
+            record = stored_record(ctx, name)
+            if record is not None:
+                ctx.records[name] = record
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ctx = Context(quick=args.quick, out=args.out, model=args.model)
+    started = time.time()
+    try:
+        run_parts(ctx, args)
+    except (train.RunError, CheckpointError, analyze.AnalysisError,
+            subprocess.CalledProcessError) as e:
+        sys.exit(f"error: {e} (finished parts are kept: rerun to resume)")
+    write_results(ctx, argv, ctx.records, args.results, time.time() - started)
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
