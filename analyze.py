@@ -2884,7 +2884,7 @@ def adaptive_scale_command(subject, args):
                 vmin=0, vmax=2, cmap="viridis")
         ax.axvline(seq["prompt_tokens"] - 0.5, color="red", linewidth=1)
     fig.suptitle(f"adaptive steering scale of {subject.name} ({vector.hook})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     return fig, record, adaptive_scale_summary(record)
 
 

@@ -16,7 +16,9 @@ study resumes where it stopped. Every number in RESULTS.md comes from those runs
 """
 
 import argparse
+import functools
 import json
+import math
 import os
 import platform
 import shutil
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 import analyze
 import sweep
+import tasks
 import train
 from checkpoint import CheckpointError, atomic_write, read_json, write_json
 
@@ -54,11 +57,16 @@ class Scale:
                             "control:lora", "lora:0", "lora:1", "lora:2", "lora:3", "full",
                             "control:full")
     compose_runs: tuple | None = None  # names in COMPOSE_RUNS; None = all
+    rl_real: bool = True  # part 4's SmolLM2 table (~2 CPU hours)
+    real_models: tuple = ("smollm2-135m", "gemma3-270m")  # part 3's checkpoints
+    real_task_limit: int | None = None  # part 3 trains the N cheapest passing tasks; None = all
 
 
 FULL = Scale()
 QUICK = Scale(seeds=(0,),
               persona_kinds=("steer", "control", "lora", "lora:2", "full"),
+              rl_real=False,
+              real_models=(), real_task_limit=1,  # part 3: ~40 min even reduced
               compose_runs=("embed", "embed-opp", "full", "full-opp", "lora", "lora-opp",
                             "steerL0", "steerL1", "steerL2", "steerL3"))
 STEER_LAYER = 2  # train.py's default steering block on the 4-layer toy models (the middle one)
@@ -67,7 +75,9 @@ STEER_LAYER = 2  # train.py's default steering block on the 4-layer toy models (
 def reductions(full, quick):
     """The settings --quick changes, in words: 'seeds: 0,1,2 -> 0'."""
     def shown(value):
-        return "all" if value is None else ",".join(str(v) for v in value)
+        if value is None:
+            return "all"
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
     full_d, quick_d = asdict(full), asdict(quick)
     return [f"{name}: {shown(full_d[name])} → {shown(quick_d[name])}"
@@ -516,23 +526,26 @@ COMPOSE_EVALS = ("in_distribution", "oocr", "oocr_in_context", "reversal", "held
 EXPERIMENTS = os.path.join(HERE, "experiments")
 
 
+def flag_run(out, argv):
+    """One train.py run from its command-line flags -> its metrics; read back if it finished,
+    resumed if it stopped."""
+    metrics_path = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics_path):
+        return read_json(metrics_path)
+    cfg = train.parse_args([*argv, "--out", out])
+    checkpoint = os.path.join(cfg.out, "checkpoint.safetensors")
+    return train.run(replace(cfg, resume=os.path.exists(checkpoint)))
+
+
 def compose_dir(root, seed, name):
     return os.path.join(root, f"compose-s{seed}-{name}")
 
 
-def compose_argv(root, seed, name):
-    return ["--task", "compose", "--seed", str(seed), "--threads", "1",
-            "--out", compose_dir(root, seed, name), *COMPOSE_RUNS[name].split()]
-
-
 def compose_run(root, seed, name):
     """One compose run's metrics; read back if it finished before."""
-    metrics_path = os.path.join(compose_dir(root, seed, name), "metrics.json")
-    if os.path.exists(metrics_path):
-        return read_json(metrics_path)
-    cfg = train.parse_args(compose_argv(root, seed, name))
-    checkpoint = os.path.join(cfg.out, "checkpoint.safetensors")
-    return train.run(replace(cfg, resume=os.path.exists(checkpoint)))
+    argv = ["--task", "compose", "--seed", str(seed), "--threads", "1",
+            *COMPOSE_RUNS[name].split()]
+    return flag_run(compose_dir(root, seed, name), argv)
 
 
 def run_script(script, *args):
@@ -616,6 +629,497 @@ def not_implemented(number, name):
         text = f"**Not yet run: part {number} ({name}) is not implemented.**{model}"
         return Section(text, [], {"implemented": False})
     return part
+
+
+# -----------------------------------------------------------------------------
+# Part 3: real checkpoints. Each text task's in-context capability check first (a base model
+# that cannot infer the latent from observations in its prompt cannot show OOCR either), then
+# on every probe that passes it a trained steering vector beside its opposite control and
+# random vectors of its norm; a task that fails is reported with its numbers
+
+
+# the block the README's risky runs steered (SmolLM2: 12 of 30; Gemma-3-270M: 9 of 18); a
+# checkpoint given with --model gets train.py's default, the middle block
+REAL_LAYERS = {"smollm2-135m": 12, "gemma3-270m": 9}
+REAL_DTYPE = "bfloat16"  # autocast in training; train.py scores every eval in fp32 regardless
+CHECK_SEED = 0  # the task data the check reads: a property of the base model, not of a run
+PASS_SES = 2  # a check passes above chance by more than 2 binomial standard errors
+REAL_KINDS = ("steer", "control")  # the trained vector, and the one trained on --opposite
+
+
+def real_models(ctx):
+    """The checkpoints this part runs: --model alone where given, else the scale's."""
+    return (ctx.model,) if ctx.model else ctx.scale.real_models
+
+
+def model_slug(model):
+    """A directory name for a checkpoint name or path ('path/to/gemma-3-12b-it/' -> its name)."""
+    return os.path.basename(os.path.normpath(model)) or "model"
+
+
+def checked_tasks():
+    """The text tasks with in-context checks: TextTask gives every probe one (arithmetic's
+    exact-match sets have none)."""
+    return [name for name, cls in tasks.TEXT_TASKS.items() if issubclass(cls, tasks.TextTask)]
+
+
+def supports_opposite(task):
+    """Whether the task has an opposite control (every TextTask does; arithmetic refuses)."""
+    try:
+        train.get_task(task, opposite=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def real_flags(model, task, kind, seed):
+    """train.py's flags for one run: the README's settings (100 steps, lr 1e-1, bf16)."""
+    flags = ["--adapter", "steer", "--model", model, "--task", task, "--dtype", REAL_DTYPE,
+             "--seed", str(seed)]
+    if model in REAL_LAYERS:
+        flags += ["--layers", str(REAL_LAYERS[model])]
+    else:  # a large checkpoint (e.g. gemma-3-12b-it on a GPU): its frozen weights in bf16 fit
+        flags += ["--base-dtype", REAL_DTYPE]
+    return flags + (["--opposite"] if kind == "control" else [])
+
+
+def shown_flags(model, task, kind):
+    return " ".join(real_flags(model, task, kind, "SEED"))
+
+
+def in_context_sets(eval_sets):
+    return {k: v for k, v in eval_sets.items() if k.endswith("_in_context")}
+
+
+def run_tokens(eval_sets, examples):
+    """Tokens one run reads, to pick the cheapest task for --quick: its training examples (mean
+    length) and the sets its shortcuts score again and again (all but the in-context ones)."""
+    claims = train.claim_sets(eval_sets)
+    scored = sum(len(item.prompt) + sum(map(len, item.options))
+                 for s in claims.values() for item in s.items)
+    per_example = statistics.fmean(len(e.prompt) + len(e.answer) for e in examples)
+    return {"train_example": per_example, "claim_sets": scored}
+
+
+def run_cost(check):
+    """A run's tokens, roughly: 100 steps × 16 examples × 3 (the backward pass) and its claim
+    sets scored 25 times (base, final, two data shortcuts, the direct path, 20 random draws)."""
+    tokens = check["tokens"]
+    return 100 * 16 * 3 * tokens["train_example"] + 25 * tokens["claim_sets"]
+
+
+def check_config(model, task):
+    """train.py's settings of a run on `task`: the check loads and scores as that run would."""
+    return train.with_defaults(train.parse_args(real_flags(model, task, "steer", CHECK_SEED)))
+
+
+@functools.lru_cache(maxsize=1)  # one checkpoint for all its tasks' checks; cleared after them
+def base_checkpoint(model):
+    """(base model, tokenizer), loaded once for every task's check."""
+    cfg = check_config(model, checked_tasks()[0])  # the load depends on the model alone
+    return train.base_model(cfg, train.make_task(cfg), train.resolve_device(cfg.device))
+
+
+def capability_check(model, task, path):
+    """The base model's accuracy on each of the task's in-context checks (task seed 0, the
+    task's default items), written to `path`; read back if it exists."""
+    if os.path.exists(path):
+        return read_json(path)
+    started = time.time()
+    base, tokenizer = base_checkpoint(model)
+    cfg = check_config(model, task)
+    task_ = train.make_task(cfg)
+    eval_sets = task_.eval_sets(tokenizer)
+    checks = in_context_sets(eval_sets)
+    record = {"model": model, "task": task, "seed": CHECK_SEED,
+              "accuracy": train.run_evals(cfg, base, checks),
+              "chance": tasks.score_chance(checks),
+              "items": {name: len(s.items) for name, s in checks.items()},
+              "tokens": run_tokens(eval_sets, task_.train_examples(tokenizer)),
+              "seconds": round(time.time() - started, 1)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, record)
+    return record
+
+
+def pass_line(chance, n):
+    """The accuracy a check must beat: chance plus PASS_SES binomial standard errors at chance
+    (with 40 items: 0.658 at chance 0.5, 0.326 at 0.2)."""
+    return chance + PASS_SES * math.sqrt(chance * (1 - chance) / n)
+
+
+def probe_checks(check):
+    """{probe: {accuracy, chance, items, above, passes}} of one task's check (the summed
+    log-prob score; the per-token one is shown, not judged)."""
+    probes = {}
+    for name, n in check["items"].items():
+        chance, accuracy = check["chance"][name], check["accuracy"][name]
+        above = pass_line(chance, n)
+        probes[name.removesuffix("_in_context")] = {
+            "accuracy": accuracy, "chance": chance, "items": n, "above": above,
+            "passes": accuracy > above,
+            "per_token": check["accuracy"].get(f"{name}.per_token")}
+    return probes
+
+
+def passed_probes(check):
+    return [probe for probe, c in probe_checks(check).items() if c["passes"]]
+
+
+def trained_tasks(checks, limit):
+    """The tasks with a passing probe, cheapest first, at most `limit` (None: all)."""
+    passing = sorted((t for t, c in checks.items() if passed_probes(c)),
+                     key=lambda t: run_cost(checks[t]))
+    return passing if limit is None else passing[:limit]
+
+
+def check_table(checks):
+    """One row per probe: the base model's in-context accuracy against chance and the pass
+    line; tasks without a check listed as such."""
+    lines = ["| task | probe | items | chance | base, in context (per token) | passes above | "
+             "passes |", "|---|---|---|---|---|---|---|"]
+    for task, check in checks.items():
+        for probe, c in probe_checks(check).items():
+            per_token = "" if c["per_token"] is None else f" ({c['per_token']:.3f})"
+            lines.append(f"| {task} | {probe} | {c['items']} | {c['chance']:.3f} | "
+                         f"{c['accuracy']:.3f}{per_token} | {c['above']:.3f} | "
+                         f"{'yes' if c['passes'] else '**no**'} |")
+    for task in tasks.TEXT_TASKS:
+        if task not in checks:
+            lines.append(f"| {task} | - | - | - | - | - | no in-context check (its eval sets "
+                         "are exact-match) |")
+    return "\n".join(lines)
+
+
+def real_run_dir(model_dir, task, kind, seed):
+    return os.path.join(model_dir, f"{task}-{kind}-s{seed}")
+
+
+def real_run(model_dir, model, task, kind, seed):
+    """One steering run's metrics (trained, resumed or read back)."""
+    return flag_run(real_run_dir(model_dir, task, kind, seed),
+                    real_flags(model, task, kind, seed))
+
+
+def task_runs(ctx, model_dir, model, task):
+    """{kind: [metrics per seed]}: the vector, and its control where the task has one."""
+    kinds = [k for k in REAL_KINDS if k == "steer" or supports_opposite(task)]
+    plan_runs = [(k, s) for k in kinds for s in ctx.scale.seeds]
+    ctx.tally([real_run_dir(model_dir, task, k, s) for k, s in plan_runs])
+    runs = {k: [] for k in kinds}
+    for kind, seed in tqdm(plan_runs, desc=f"{model_slug(model)} {task}", dynamic_ncols=True):
+        runs[kind].append(real_run(model_dir, model, task, kind, seed))
+    return runs
+
+
+def control_margins(runs, key):
+    """Per seed, the vector's accuracy on `key` minus its control's (same seed, same eval
+    sets: the control is scored on the target's)."""
+    return [s["eval"]["final"][key] - c["eval"]["final"][key]
+            for s, c in zip(runs["steer"], runs.get("control", []))]
+
+
+def probe_summary(runs, key):
+    """The numbers later parts read of one kind of run on one probe."""
+    margins = [run_margin(m, key) for m in runs]
+    known = [m for m in margins if m is not None]
+    return {"n": len(runs), "base": statistics.fmean(m["eval"]["base"][key] for m in runs),
+            "final": mean_sd([m["eval"]["final"][key] for m in runs]),
+            "margin": mean_sd(known) if known else None, "verdict": verdict(margins)}
+
+
+def control_line(runs, probe):
+    margins = control_margins(runs, probe)
+    if not margins:
+        return "No opposite control: the task has none.", None
+    text = (f"Against its control on `{probe}` (vector minus control, per seed): {cell(margins)}; "
+            f"the vector beats its control: {verdict(margins)} (same rule as the shortcuts).")
+    return text, {"margin": mean_sd(margins), "verdict": verdict(margins)}
+
+
+def probe_section(model, task, probe, runs, seeds):
+    """One passing probe: the command, the table against the shortcuts, the control line."""
+    labels = {"steer": "steer", "control": "control (`--opposite`)"}
+    groups = {labels[kind]: metrics for kind, metrics in runs.items()}
+    control_text, control = control_line(runs, probe)
+    text = "\n".join([
+        f"#### `{task}`: `{probe}` (passes its in-context check)", "",
+        f"`python train.py {shown_flags(model, task, 'steer')}` (and with `--opposite`), seeds "
+        f"{','.join(map(str, seeds))} ({run_count(runs)})", "",
+        group_table(groups, ("in_distribution", probe), probe), "", control_text])
+    data = {kind: probe_summary(metrics, probe) for kind, metrics in runs.items()}
+    return text, {**data, "against_control": control}
+
+
+def untrained_line(checks, trained, limit):
+    """The tasks not trained, and why: a failed check (their numbers are in the table above) or
+    the scale's limit on tasks."""
+    failed = [t for t, c in checks.items() if not passed_probes(c)]
+    skipped = [t for t, c in checks.items() if passed_probes(c) and t not in trained]
+    lines = []
+    if failed:
+        lines.append(f"Not trained, failing every in-context check: {', '.join(failed)} (on "
+                     "these, OOCR cannot be measured with this model: a null result).")
+    if skipped:
+        lines.append(f"Passing but not trained at this scale (the {limit} cheapest only): "
+                     f"{', '.join(skipped)}.")
+    return " ".join(lines)
+
+
+def training_seconds(all_runs):
+    return sum(m["seconds"] for runs in all_runs.values()
+               for metrics in runs.values() for m in metrics)
+
+
+def probe_sections(model, checks, all_runs, seeds):
+    """Every passing probe of every trained task -> ([markdown], {task: {probe: numbers}})."""
+    texts, data = [], {}
+    for task, runs in all_runs.items():
+        data[task] = {}
+        for probe in passed_probes(checks[task]):
+            text, data[task][probe] = probe_section(model, task, probe, runs, seeds)
+            texts.append(text)
+    return texts, data
+
+
+def model_head(model, checks, all_runs, seconds):
+    """The model's settings, its wall time and the check table."""
+    layer = REAL_LAYERS.get(model)
+    block = f"block {layer}" if layer is not None else "the middle block (train.py's default)"
+    check_seconds = sum(c["seconds"] for c in checks.values())
+    return "\n".join([
+        f"### `{model}`", "",
+        f"Steering vector at {block}, `hook_mlp_out`, `--dtype {REAL_DTYPE}`, train.py's "
+        f"defaults otherwise (100 steps of 16 examples, lr 1e-1, 20 random draws). Wall time "
+        f"of this model in this command: {seconds:.0f} s (reused checks and runs cost "
+        f"nothing here: the checks recorded {check_seconds:.0f} s, the runs' training and evals "
+        f"{training_seconds(all_runs):.0f} s without their shortcut baselines).", "",
+        f"In-context capability check (`reproduce.capability_check`, run by this part: the base "
+        f"model's accuracy on each probe's `_in_context` set, task seed {CHECK_SEED}; passes "
+        f"above chance by more than {PASS_SES} binomial standard errors):", "",
+        check_table(checks)])
+
+
+def real_model_section(ctx, model, part_dir):
+    """One checkpoint: every task's check, then the passing probes' runs and tables."""
+    model_dir = os.path.join(part_dir, model_slug(model))
+    started = time.time()
+    checks = {t: capability_check(model, t, os.path.join(model_dir, "check", f"{t}.json"))
+              for t in tqdm(checked_tasks(), desc=f"{model_slug(model)} check")}
+    base_checkpoint.cache_clear()  # the runs load their own: a 12B base held twice would not fit
+    limit = ctx.scale.real_task_limit
+    trained = trained_tasks(checks, limit)
+    all_runs = {t: task_runs(ctx, model_dir, model, t) for t in trained}
+    texts, per_probe = probe_sections(model, checks, all_runs, ctx.scale.seeds)
+    seconds = round(time.time() - started, 1)
+    data = {"checks": {t: probe_checks(c) for t, c in checks.items()}, "trained": per_probe,
+            "seconds": seconds}
+    head = model_head(model, checks, all_runs, seconds)
+    parts = [head, untrained_line(checks, trained, limit), *texts]
+    return "\n\n".join(p for p in parts if p), data
+
+
+def real_checkpoints_part(ctx):
+    part_dir = ctx.part_dir("real_checkpoints")
+    models = real_models(ctx)
+    texts, data = [], {}
+    for model in models:
+        text, data[model] = real_model_section(ctx, model, part_dir)
+        texts.append(text)
+    if not models:
+        return Section("Not run at this scale: every real checkpoint's part takes CPU hours "
+                       "(the full study, or `--model PATH`, runs it).", [], data)
+    left_out = [m for m in REAL_LAYERS if m not in models]
+    not_run = ["LoRA and full fine-tunes on the real checkpoints"]
+    not_run += [f"`{m}` (the full study without --model runs it)" for m in left_out]
+    intro = (f"Models run: {', '.join(f'`{m}`' for m in models)}. Not run: {'; '.join(not_run)}."
+             " Every text task's in-context capability check first; on each probe that passes "
+             "it, a trained steering vector beside its opposite control (trained on the opposite "
+             "latent, scored on the target's eval sets) and random vectors of its norm. "
+             + TABLE_NOTE + " Here the runs are the task's seeds (its data and the vector's "
+             "init).")
+    return Section("\n\n".join([intro, *texts]), [], data)
+
+
+# -----------------------------------------------------------------------------
+# Part 4: RL-trained vectors (Sinii et al. 2025): a vector trained by reward alone on the toy
+# persona world (does it reach the out-of-context probe, as the sft vector does?), the paper's
+# readouts, and the real-checkpoint table on SmolLM2's arithmetic task (full scale only).
+
+RL_TOY = "--task persona --threads 1"
+RL_TOY_RUNS = {  # name -> train.py flags; block 1 as in the README's RL table
+    "sft": "--adapter steer --layers 1",
+    "rl": "--adapter steer --layers 1 --objective rl",
+    "rl-opposite": "--adapter steer --layers 1 --objective rl --opposite",
+}
+RL_TOY_ALONE = {  # seed 0 only: every block at once, and each block alone (to combine)
+    "rl-all": "--adapter steer --layers all --objective rl --steps 100",
+    **{f"rl-L{b}": f"--adapter steer --layers {b} --objective rl" for b in range(4)},
+}
+RL_REAL = ("--model smollm2-135m --task arithmetic --dtype bfloat16 --steps 30 --batch-size 4 "
+           "--random-draws 2 --threads 1")
+RL_REAL_RUNS = {  # name -> (flags, seeds: 3 where a run takes under ~10 min on 2 CPU cores)
+    "rl-steer": ("--adapter steer --objective rl --layers all", (0, 1, 2)),
+    "sft-steer": ("--adapter steer --layers all --steps 100 --lr 1e-1", (0, 1, 2)),
+    "rl-lora": ("--adapter lora --objective rl", (0,)),
+    "rl-full": ("--adapter full --objective rl --lr 1e-5", (0,)),
+    "rl-adaptive": ("--adapter steer --objective rl --layers all --positions adaptive", (0,)),
+}
+RL_EVALS = ("in_distribution", "oocr")
+
+
+def rl_runs(ctx, root, plan_runs, common):
+    """[(name, flags, seed)] -> {name: [metrics per seed]}, run or reused, with a bar."""
+    dirs = [os.path.join(root, f"{name}-s{seed}") for name, _, seed in plan_runs]
+    ctx.tally(dirs)
+    runs = {}
+    for (name, flags, seed), out in zip(tqdm(plan_runs, desc="rl", dynamic_ncols=True), dirs):
+        argv = [*common.split(), *flags.split(), "--seed", str(seed)]
+        runs.setdefault(name, []).append(flag_run(out, argv))
+    return runs
+
+
+def reward_cell(runs):
+    """Mean sampled reward over the first and the last 5 rl steps, mean over seeds."""
+    histories = [m["history"].get("rl") for m in runs]
+    if not all(histories):
+        return "-"
+    first = statistics.fmean(statistics.fmean(s["reward"] for _, s in h[:5]) for h in histories)
+    last = statistics.fmean(statistics.fmean(s["reward"] for _, s in h[-5:]) for h in histories)
+    return f"{first:.2f} → {last:.2f}"
+
+
+def rl_table(runs, flags, common):
+    """group_table, plus the sampled reward and the seconds per run."""
+    groups = {f"`{name}`: `{flags[name]}`": runs[name] for name in runs}
+    rows = group_table(groups, RL_EVALS, "oocr").split("\n")
+    lines = [rows[0] + " rl reward, first → last 5 steps | seconds per run |", rows[1] + "---|---|"]
+    for row, name in zip(rows[2:], runs):
+        seconds = statistics.fmean(m["seconds"] for m in runs[name])
+        lines.append(f"{row} {reward_cell(runs[name])} | {seconds:.0f} |")
+    return f"Each run: `python train.py {common}` plus the row's flags.\n\n" + "\n".join(lines)
+
+
+def run_analysis(name, run_dir, out, *flags):
+    """An analyze.py subcommand on a run -> (its record, the command)."""
+    argv = [name, "--run", run_dir, "--out", out, *flags]
+    analyze.main(argv)
+    return read_json(os.path.join(out, f"{name}.json")), "python analyze.py " + " ".join(argv)
+
+
+def first_token_share(profile):
+    """The share of a continuation's summed KL that falls on its first generated token."""
+    kl = [v for v in profile["kl"] if v is not None]
+    return kl[0] / sum(kl) if sum(kl) > 0 else float("nan")
+
+
+def lens_markdown(record, command):
+    """vector_lens in words: where the effect falls and what the last two layers' vectors
+    boost and suppress through the final norm and the unembedding."""
+    whole = record["kl"]["all"]
+    lines = [f"`{command}`: KL(steered ‖ base) along a greedy steered continuation of "
+             f"{record['n_prompts']} prompts: {first_token_share(whole):.0%} at the first "
+             "generated token (all layers together)."]
+    for layer in record["layers"][-2:]:
+        lens = record["readout"][str(layer)]["final_norm"]
+        alone = first_token_share(record["kl"][str(layer)])
+        boosted = ", ".join(f"`{t}`" for t, _ in lens["boosted"][:6])
+        suppressed = ", ".join(f"`{t}`" for t, _ in lens["suppressed"][:6])
+        relative = record["readout"][str(layer)]["relative_norm"]
+        lines.append(f"- block {layer} (|v| = {relative:.4f} × the residual's norm): boosts "
+                     f"{boosted}; suppresses {suppressed}; alone, "
+                     f"{sum(record['kl'][str(layer)]['kl'][:1]):.4f} nats at the first token "
+                     f"({alone:.0%} of its continuation's KL)")
+    return "\n".join(lines)
+
+
+def combine_markdown(record, command):
+    accuracy = record["accuracy"]
+    alone = [name for name in accuracy if name not in ("base", "combined", "sum_of_effects")]
+    cells = "; ".join(f"{os.path.basename(name)} {accuracy[name]['in_distribution']:.3f} / "
+                      f"{accuracy[name]['oocr']:.3f}" for name in alone)
+    return (f"`{command}`: in_distribution / oocr of each single-block rl vector alone: {cells}; "
+            f"all four together {accuracy['combined']['in_distribution']:.3f} / "
+            f"{accuracy['combined']['oocr']:.3f} (base {accuracy['base']['in_distribution']:.3f}"
+            f" / {accuracy['base']['oocr']:.3f}).")
+
+
+def adaptive_markdown(record, command):
+    high = ", ".join(f"`{t}` {v:.2f}" for t, v in record["highest_tokens"][:6])
+    low = ", ".join(f"`{t}` {v:.2f}" for t, v in record["lowest_tokens"][:6])
+    generated = record["generated"]["mean"]
+    on_generated = f"; on generated tokens {generated:.2f}" if generated is not None else ""
+    return (f"`{command}`: the learned scale 2σ(w·r + b) over {record['n_prompts']} prompts and "
+            f"their steered continuations: mean {record['prompt']['mean']:.2f} (sd "
+            f"{record['prompt']['std']:.2f}) on prompt tokens{on_generated}; highest on {high}; "
+            f"lowest on {low}.")
+
+
+def rl_toy_section(ctx, part_dir):
+    root = os.path.join(part_dir, "toy")
+    plan_runs = [(n, f, s) for n, f in RL_TOY_RUNS.items() for s in ctx.scale.seeds]
+    plan_runs += [(n, f, 0) for n, f in RL_TOY_ALONE.items()]
+    runs = rl_runs(ctx, root, plan_runs, RL_TOY)
+    flags = {**RL_TOY_RUNS, **RL_TOY_ALONE}
+    table = rl_table({n: runs[n] for n in RL_TOY_RUNS}, flags, RL_TOY)
+    analysis = os.path.join(part_dir, "toy_analysis")
+    lens, lens_command = run_analysis("vector_lens", os.path.join(root, "rl-all-s0"), analysis)
+    singles = [os.path.join(root, f"rl-L{b}-s0") for b in range(4)]
+    combined, combine_command = run_analysis("combine", singles[0], analysis, "--runs",
+                                             ",".join(singles[1:]))
+    figure = copy_as(os.path.join(analysis, "vector_lens.png"),
+                     os.path.join(part_dir, "rl_toy_vector_lens.png"))
+    text = "\n\n".join([
+        "### The persona world: reward alone", "The reward is 1 when the first sampled token "
+        "is the target persona's option (`--opposite`: the other one); the answers are never "
+        "shown. " + TABLE_NOTE + " Here the runs are world seeds, target 0.", table,
+        f"Every block at once (seed 0, 100 steps): {lens_markdown(lens, lens_command)}",
+        figure_link(figure, "toy rl vector through the unembedding, and its KL per position"),
+        combine_markdown(combined, combine_command)])
+    data = {name: summarise_kind(runs[name]) for name in RL_TOY_RUNS}
+    return text, [figure], data
+
+
+def rl_real_section(ctx, part_dir):
+    root = os.path.join(part_dir, "smollm2")
+    plan_runs = [(n, f, s) for n, (f, seeds) in RL_REAL_RUNS.items() for s in seeds]
+    runs = rl_runs(ctx, root, plan_runs, RL_REAL)
+    flags = {name: f for name, (f, _) in RL_REAL_RUNS.items()}
+    table = rl_table(runs, flags, RL_REAL)
+    analysis = os.path.join(part_dir, "smollm2_analysis")
+    lens, lens_command = run_analysis("vector_lens", os.path.join(root, "rl-steer-s0"), analysis,
+                                      "--prompts", "16")
+    adaptive, adaptive_command = run_analysis("adaptive_scale",
+                                              os.path.join(root, "rl-adaptive-s0"), analysis,
+                                              "--prompts", "8")
+    figures = [copy_as(os.path.join(analysis, f"{name}.png"),
+                       os.path.join(part_dir, f"rl_smollm2_{name}.png"))
+               for name in ("vector_lens", "adaptive_scale")]
+    text = "\n\n".join([
+        "### SmolLM2-135M-Instruct: one-digit sums", "Reward 1 when the completion's last "
+        "integer is the sum; `in_distribution` = 20 held-out sums asked as in training, `oocr` "
+        "= 20 more asked in other words (a transfer check: no latent to infer), both scored by "
+        "the same reward on the greedy completion. " + TABLE_NOTE + " Here `rand95` is over 2 "
+        "random vectors (each costs two generation-based evals).", table,
+        lens_markdown(lens, lens_command),
+        figure_link(figures[0], "SmolLM2 rl vector per layer through the unembedding"),
+        adaptive_markdown(adaptive, adaptive_command),
+        figure_link(figures[1], "SmolLM2 adaptive rl vector: its scale per token and layer")])
+    return text, figures, {name: summarise_kind(runs[name]) for name in runs}
+
+
+def rl_part(ctx):
+    part_dir = ctx.part_dir("rl")
+    text, figures, data = rl_toy_section(ctx, part_dir)
+    texts = [text]
+    if ctx.scale.rl_real:
+        real_text, real_figures, data["smollm2"] = rl_real_section(ctx, part_dir)
+        texts.append(real_text)
+        figures += real_figures
+    else:
+        texts.append("Not run at this scale: the SmolLM2 table (~2 CPU hours; the full study "
+                     "runs it).")
+    return Section("\n\n".join(texts), figures, data)
 
 
 # -----------------------------------------------------------------------------
@@ -878,9 +1382,8 @@ PARTS = {
     "lora_vs_steering": Part("1. LoRA ≈ a steering vector? (the persona worlds)",
                              lora_vs_steering_part),
     "composition": Part("2. A → B, B → C ⇒ A → C (the compose world)", composition_part),
-    "real_checkpoints": Part("3. Real checkpoints", not_implemented(3, "real checkpoints"),
-                             cheap=True),
-    "rl": Part("4. RL-trained vectors", not_implemented(4, "RL-trained vectors"), cheap=True),
+    "real_checkpoints": Part("3. Real checkpoints", real_checkpoints_part),
+    "rl": Part("4. RL-trained vectors (Sinii et al. 2025)", rl_part),
     "reading_vectors": Part("5. Reading vectors", reading_vectors_part),
     "paper_numbers": Part("6. The seed papers' numbers beside ours", paper_numbers_part,
                           cheap=True),

@@ -148,3 +148,119 @@ def test_failing_part_is_one_line(monkeypatch, tmp_path):
         reproduce.main(["--out", str(tmp_path), "--results", str(tmp_path / "R.md")])
     assert str(exit.value.code).startswith("error: --model x: no such checkpoint")
     assert len(str(exit.value.code).splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# Part 3 (real checkpoints) from hand-written check and run records: nothing loads or trains
+
+
+def check_record(accuracy, chance=0.5, items=40, probe="oocr", cost=100):
+    """A capability_check-like record: one probe's in-context accuracy."""
+    name = f"{probe}_in_context"
+    return {"accuracy": {name: accuracy}, "chance": {name: chance}, "items": {name: items},
+            "tokens": {"train_example": cost, "claim_sets": cost}, "seconds": 1.0}
+
+
+def test_capability_check_pass_line_by_hand():
+    # 40 items at chance 0.5: standard error sqrt(0.25 / 40) = 0.079; pass above 0.658
+    assert reproduce.pass_line(0.5, 40) == pytest.approx(0.6581, abs=1e-4)
+    assert not reproduce.probe_checks(check_record(0.625))["oocr"]["passes"]  # README's risky
+    assert reproduce.passed_probes(check_record(0.7)) == ["oocr"]
+    # 40 items at chance 0.2: 0.2 + 2 * 0.063 = 0.326
+    assert reproduce.passed_probes(check_record(0.35, chance=0.2)) == ["oocr"]
+
+
+def test_cheapest_passing_tasks_first():
+    checks = {"a": check_record(0.9, cost=300), "b": check_record(0.5),
+              "c": check_record(0.9, cost=200)}
+    assert reproduce.trained_tasks(checks, None) == ["c", "a"]  # b fails its check
+    assert reproduce.trained_tasks(checks, 1) == ["c"]
+
+
+def test_real_flags_parse():
+    cfg = reproduce.train.parse_args(reproduce.real_flags("smollm2-135m", "risky", "control", 1))
+    assert (cfg.layers, cfg.dtype, cfg.seed, cfg.task_options) == ([12], "bfloat16", 1,
+                                                                  {"opposite": True})
+    local = reproduce.train.parse_args(reproduce.real_flags("/x/gemma-3-12b-it", "risky",
+                                                            "steer", 0))
+    assert local.layers is None and local.base_dtype == "bfloat16"  # the middle block, bf16 base
+
+
+@pytest.fixture
+def fake_real(monkeypatch):
+    """functions passes its check (0.35 vs 0.2), coins fails (0.45 vs 0.5); runs by hand:
+    steer oocr 0.6 / 0.8 / 0.7, control 0.3 / 0.5 / 0.1 (seeds 0, 1, 2)."""
+    checks = {"functions": check_record(0.35, chance=0.2), "coins": check_record(0.45)}
+    def record(oocr):
+        return {**run_record(0.2, oocr, (0.2, 0.3, 0.1, 0.1, 0.4)), "steps": 100, "seconds": 9}
+
+    steer, control = [record(x) for x in (0.6, 0.8, 0.7)], [record(x) for x in (0.3, 0.5, 0.1)]
+    trained = []
+
+    def run(out, flags):
+        trained.append((os.path.basename(out), flags))
+        seed = int(flags[flags.index("--seed") + 1])
+        return (control if "--opposite" in flags else steer)[seed]
+
+    monkeypatch.setattr(reproduce, "checked_tasks", lambda: list(checks))
+    monkeypatch.setattr(reproduce, "capability_check", lambda model, task, path: checks[task])
+    monkeypatch.setattr(reproduce, "flag_run", run)
+    return trained
+
+
+def test_real_part_from_hand_records(fake_real, tmp_path):
+    ctx = reproduce.Context(quick=False, out=str(tmp_path), model="smollm2-135m")
+    section = reproduce.real_checkpoints_part(ctx)
+    text = section.markdown
+    assert "Models run: `smollm2-135m`" in text and "block 12" in text
+    # the failing task: listed with its numbers, not trained
+    assert "| coins | oocr | 40 | 0.500 | 0.450 | 0.658 | **no** |" in text
+    assert "Not trained, failing every in-context check: coins" in text
+    assert "| functions | oocr | 40 | 0.200 | 0.350 | 0.326 | yes |" in text
+    assert "| arithmetic | - |" in text  # no in-context check: said so
+    assert sorted(name for name, _ in fake_real) == sorted(
+        f"functions-{kind}-s{seed}" for kind in ("steer", "control") for seed in (0, 1, 2))
+    # steer: oocr mean 0.7, sd 0.1; margins over rand95 0.4: 0.2 / 0.4 / 0.3 -> 0.3 ± 0.1, yes
+    shortcuts = "0.200 / 0.300 / 0.100 / 0.400"
+    assert f"0.200 → 0.700 ± 0.100 | {shortcuts} | 0.300 ± 0.100 | yes |" in text
+    # control: oocr 0.3 ± 0.2, margins -0.1 / 0.1 / -0.3 -> -0.1 ± 0.2, no
+    assert f"0.200 → 0.300 ± 0.200 | {shortcuts} | -0.100 ± 0.200 | no |" in text
+    # vector minus control: 0.3 / 0.3 / 0.6 -> 0.4, sd sqrt(0.03) = 0.173 < 0.4 -> yes
+    assert ("vector minus control, per seed): 0.400 ± 0.173; the vector beats its control: yes"
+            in text)
+    data = section.data["smollm2-135m"]
+    assert data["checks"]["coins"]["oocr"]["passes"] is False
+    assert data["trained"]["functions"]["oocr"]["steer"]["verdict"] == "yes"
+    assert data["trained"]["functions"]["oocr"]["against_control"]["verdict"] == "yes"
+    assert "coins" not in data["trained"]
+
+
+def test_real_part_quick_runs_nothing_unless_given_a_model(fake_real, tmp_path):
+    text = reproduce.real_checkpoints_part(reproduce.Context(quick=True, out=str(tmp_path)))
+    assert "Not run at this scale" in text.markdown and not fake_real
+    ctx = reproduce.Context(quick=True, out=str(tmp_path), model="smollm2-135m")
+    text = reproduce.real_checkpoints_part(ctx).markdown  # quick: one task, one seed
+    assert "Models run: `smollm2-135m`. Not run: " in text and "`gemma3-270m`" in text
+    assert sorted(name for name, _ in fake_real) == ["functions-control-s0",
+                                                     "functions-steer-s0"]
+
+
+def rl_record(rewards, seconds):
+    """RUNS[0] with an rl history of these mean rewards."""
+    stats = [[i + 1, {"reward": r}] for i, r in enumerate(rewards)]
+    return {**RUNS[0], "history": {"rl": stats}, "seconds": seconds}
+
+
+def test_rl_table_adds_the_reward_and_the_seconds_by_hand():
+    # seed a: first 5 mean 0.2, last 5 mean 0.8; seed b: 0.4 and 1.0 -> 0.30 → 0.90
+    a = rl_record([0.2] * 5 + [0.5] * 3 + [0.8] * 5, seconds=10)
+    b = rl_record([0.4] * 5 + [1.0] * 5, seconds=30)
+    sft = {**RUNS[1], "history": {"loss": []}, "seconds": 2}
+    table = reproduce.rl_table({"rl": [a, b], "sft": [sft]}, {"rl": "--x", "sft": "--y"}, "--c")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert rows[0].endswith("| 0.30 → 0.90 | 20 |") and rows[1].endswith("| - | 2 |")
+    assert "`python train.py --c`" in table
+
+
+def test_first_token_share_by_hand():
+    assert reproduce.first_token_share({"kl": [3.0, 1.0, None, 0.0]}) == 0.75
