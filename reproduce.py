@@ -437,7 +437,8 @@ def persona_world_section(ctx, task, part_dir):
         steer_run = read_json(os.path.join(sweep.run_dir(out, steer_kind(layer), 0, 0),
                                            "metrics.json"))
         per_layer[str(layer)] = {**lora_numbers(record),
-                                 "shortcuts": shortcut_cells([steer_run], "oocr")}
+                                 "shortcuts": shortcut_cells([steer_run], "oocr"),
+                                 "chance": steer_run["chance"]["oocr"]}
         figures.append(copy_as(png, os.path.join(part_dir, f"{task}_lora_block{layer}.png")))
         links.append(figure_link(figures[-1], f"{task}: LoRA vs steering at block {layer}"))
     text = "\n".join([
@@ -1292,27 +1293,33 @@ def lora_geometry_claims(world, per_layer):
     ]
 
 
-def natural_share(acc, state="natural"):
-    """Share of the LoRA's oocr gain over the base that the natural vector (or its negation,
-    state "-natural") keeps in the LoRA's place; None where the LoRA gains nothing."""
-    base, lora, natural = (acc[s]["oocr"] for s in ("base", "lora", state))
-    return None if lora - base <= 1e-9 else (natural - base) / (lora - base)
+def natural_share(acc, state="natural", chance=0.0):
+    """Share of the LoRA's oocr gain that the natural vector (or its negation, state "-natural")
+    keeps in the LoRA's place; None where the LoRA gains nothing. The gain is counted above the
+    base or chance, whichever is higher: a base below chance that a LoRA lifts to chance has
+    learned nothing."""
+    floor = max(acc["base"]["oocr"], chance)
+    lora, natural = acc["lora"]["oocr"], acc[state]["oocr"]
+    return None if lora - floor <= 1e-9 else (natural - floor) / (lora - floor)
 
 
 def natural_vector_claim(world, per_layer):
     """'The natural vector reproduces much of the OOCR': does it keep half the LoRA's gain?"""
     def shown(n):
         acc = n["accuracy"]
-        share = natural_share(acc)
-        kept = "LoRA gains nothing" if share is None else f"keeps {share:.0%}"
+        share = natural_share(acc, chance=n.get("chance", 0.0))
+        kept = "LoRA gains nothing above base and chance" if share is None else f"keeps {share:.0%}"
         return (f"base {acc['base']['oocr']:.3f}, LoRA {acc['lora']['oocr']:.3f}, natural "
                 f"{acc['natural']['oocr']:.3f}, −natural {acc['-natural']['oocr']:.3f} ({kept})")
 
-    shares = [natural_share(n["accuracy"]) for n in per_layer.values()]
+    shares = [natural_share(n["accuracy"], chance=n.get("chance", 0.0))
+              for n in per_layer.values()]
     gained = [x for x in shares if x is not None]
-    negated = [natural_share(n["accuracy"], "-natural") for n in per_layer.values()]
+    negated = [natural_share(n["accuracy"], "-natural", n.get("chance", 0.0))
+               for n in per_layer.values()]
     negated = [x for x in negated if x is not None]
-    verdict = (f"the LoRA raises oocr at {len(gained)} of {len(shares)} blocks; there the natural "
+    verdict = (f"the LoRA raises oocr above base and chance at {len(gained)} of {len(shares)} "
+               f"blocks; there the natural "
                f"vector keeps at least half of its gain at {sum(x >= 0.5 for x in gained)}, "
                f"its negation at {sum(x >= 0.5 for x in negated)}. " + REASON_PLACEHOLDER)
     return Claim(PAPER, "the LoRA's natural vector in its place reproduces much of the OOCR",

@@ -62,9 +62,14 @@ def test_paper_claims_from_numbers():
                                                        "2": {"accuracy": acc}})
     assert "block 2: base 0.000, LoRA 0.500, natural 0.400, −natural 0.000 (keeps 80%)" \
         in claim.ours
-    assert claim.verdict.startswith("the LoRA raises oocr at 1 of 2 blocks; there the natural "
-                                    "vector keeps at least half of its gain at 1, its "
-                                    "negation at 0.")
+    assert claim.verdict.startswith("the LoRA raises oocr above base and chance at 1 of 2 "
+                                    "blocks; there the natural vector keeps at least half of its "
+                                    "gain at 1, its negation at 0.")
+    # a LoRA that lifts a below-chance base only to chance gains nothing; above it, the gain
+    # counts from chance: (0.4 - 0.2) / (0.5 - 0.2)
+    to_chance = dict(acc, lora={"oocr": 0.125})
+    assert reproduce.natural_share(to_chance, chance=0.125) is None
+    assert abs(reproduce.natural_share(acc, chance=0.2) - 2 / 3) < 1e-12
     table = {"100": {"oocr": 1.0}, "10": {"oocr": 0.75}, "1": {"oocr": 0.25}, "0": {"oocr": 0.0}}
     assert reproduce.effect_kept(table, "10", "oocr") == 0.75
     flat = {k: {"oocr": 0.5} for k in table}
