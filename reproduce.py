@@ -1239,15 +1239,42 @@ def not_measured(part):
     return f"not measured here (part {part} is not run)"
 
 
-def real_task_claims():
-    """The paper's task numbers (and its backdoor null): measurable only on real checkpoints
-    (part 3)."""
-    rows = (("Risky self-report", "0.40 → LoRA 0.70 / SV 0.80"),
-            ("Functions", "0.20 → LoRA 0.92 / SV 0.90"),
-            ("Locations", "0.20 → LoRA 0.68 / SV 0.28"),
-            ("Backdoor self-report", "not reproduced by a vector"))
-    return [Claim(PAPER, f"{task} accuracy", paper, not_measured(3), "-")
-            for task, paper in rows]
+PAPER_TASKS = (("Risky self-report", "risky", "0.40 → LoRA 0.70 / SV 0.80"),
+               ("Functions", "functions", "0.20 → LoRA 0.92 / SV 0.90"),
+               ("Locations", "locations", "0.20 → LoRA 0.68 / SV 0.28"),
+               ("Backdoor self-report", "risky_backdoor", "not reproduced by a vector"))
+
+
+def real_task_result(model, numbers, task):
+    """One model's result on a paper task's probe (oocr): its check, else its vector's numbers
+    and verdicts -> (ours, verdict)."""
+    check = numbers["checks"].get(task, {}).get("oocr")
+    if check is None:
+        return f"`{model}`: not checked", "-"
+    if not check["passes"]:
+        return (f"`{model}`: fails the in-context check ({check['accuracy']:.3f}, chance "
+                f"{check['chance']:.3f}): not trained", "not measurable (a null)")
+    steer = numbers["trained"].get(task, {}).get("oocr", {}).get("steer")
+    if steer is None:
+        return f"`{model}`: passes its check, not trained at this scale", "-"
+    against = numbers["trained"][task]["oocr"].get("against_control")
+    control = f", beats its control: {against['verdict']}" if against else ""
+    mean, sd = steer["final"]
+    return (f"`{model}`: SV {steer['base']:.3f} → {mean:.3f} ± {sd:.3f}",
+            f"beats every shortcut: {steer['verdict']}{control}")
+
+
+def real_task_claims(records):
+    """The paper's task numbers (and its backdoor null) beside part 3's, per model run."""
+    real = (records.get("real_checkpoints") or {}).get("data") or {}
+    claims = []
+    for label, task, paper in PAPER_TASKS:
+        results = [real_task_result(model, numbers, task) for model, numbers in real.items()]
+        ours = "; ".join(r[0] for r in results) or not_measured(3)
+        judged = "; ".join(r[1] for r in results) or "-"
+        claims.append(Claim(PAPER, f"{label} accuracy (`{task}`, probe `oocr`)", paper, ours,
+                            judged))
+    return claims
 
 
 def toy_oocr_claim(world, runs):
@@ -1346,7 +1373,7 @@ def refusal_claims(world, numbers):
 
 def paper_claims(records):
     """Every claim of issue 17 point 6, with ours where a finished part measured it."""
-    claims = real_task_claims()
+    claims = real_task_claims(records)
     lora_part = records.get("lora_vs_steering")
     for world in PERSONA_WORLDS:
         if lora_part is None:

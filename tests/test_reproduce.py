@@ -269,3 +269,19 @@ def test_rl_table_adds_the_reward_and_the_seconds_by_hand():
 
 def test_first_token_share_by_hand():
     assert reproduce.first_token_share({"kl": [3.0, 1.0, None, 0.0]}) == 0.75
+
+
+def test_paper_task_claims_read_part_3():
+    steer = {"base": 0.2, "final": (0.6, 0.1), "verdict": "yes"}
+    numbers = {"checks": {"risky": {"oocr": {"passes": True}},
+                          "functions": {"oocr": {"passes": False, "accuracy": 0.3,
+                                                 "chance": 0.2}}},
+               "trained": {"risky": {"oocr": {"steer": steer,
+                                              "against_control": {"verdict": "unclear"}}}}}
+    claims = reproduce.real_task_claims({"real_checkpoints": {"data": {"m": numbers}}})
+    risky, functions, locations, _ = claims
+    assert risky.ours == "`m`: SV 0.200 → 0.600 ± 0.100"
+    assert risky.verdict == "beats every shortcut: yes, beats its control: unclear"
+    assert functions.verdict == "not measurable (a null)" and "fails" in functions.ours
+    assert locations.ours == "`m`: not checked"
+    assert "not measured" in reproduce.real_task_claims({})[0].ours
