@@ -77,7 +77,9 @@ def reductions(full, quick):
     def shown(value):
         if value is None:
             return "all"
-        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+        if isinstance(value, (tuple, list)):
+            return ",".join(map(str, value)) or "none"
+        return str(value)
 
     full_d, quick_d = asdict(full), asdict(quick)
     return [f"{name}: {shown(full_d[name])} → {shown(quick_d[name])}"
@@ -1222,8 +1224,6 @@ def reading_vectors_part(ctx):
 
 PAPER = "Wang, Engels et al. 2025 (Gemma-3-12B)"
 REFUSAL = "the refusal-steering study"
-# the discussion's last sentence is a person's judgement, not something to generate
-REASON_PLACEHOLDER = "Most likely reason: to be written after reading the numbers."
 
 
 @dataclass
@@ -1287,8 +1287,7 @@ def toy_oocr_claim(world, runs):
     ours = (f"`{world}` oocr: base {some['base']['oocr']:.3f} → all-layer LoRA {shown('lora')}"
             f" / SV {shown('steer')} / full {shown('full')} (beats every shortcut?)")
     lora, steer = (runs.get(k, {}).get("verdict", "-") for k in ("lora", "steer"))
-    verdict = (f"all-layer LoRA beats every shortcut: {lora}; steering vector: {steer}. "
-               + REASON_PLACEHOLDER)
+    verdict = (f"all-layer LoRA beats every shortcut: {lora}; steering vector: {steer}.")
     return Claim(PAPER, "a LoRA and a trained steering vector both induce OOCR",
                  "both raise the probe (numbers above)", ours, verdict)
 
@@ -1311,12 +1310,10 @@ def lora_geometry_claims(world, per_layer):
         Claim(PAPER, "abs cos between a one-layer LoRA's token diffs ≈ 1", "≈ 1",
               f"`{world}`, {hook}: " + per_block(per_layer,
                                                  lambda n: group_values(n, "mean_abs_cos")),
-              f"every block and group ≥ 0.9: {'yes' if every('mean_abs_cos', 0.9) else 'no'}. "
-              + REASON_PLACEHOLDER),
+              f"every block and group ≥ 0.9: {'yes' if every('mean_abs_cos', 0.9) else 'no'}."),
         Claim(PAPER, "PC1 share of the token diffs", "0.76-0.99",
               f"`{world}`: " + per_block(per_layer, lambda n: group_values(n, "pc1_share")),
-              f"every block and group ≥ 0.76: {'yes' if every('pc1_share', 0.76) else 'no'}. "
-              + REASON_PLACEHOLDER),
+              f"every block and group ≥ 0.76: {'yes' if every('pc1_share', 0.76) else 'no'}."),
     ]
 
 
@@ -1348,7 +1345,7 @@ def natural_vector_claim(world, per_layer):
     verdict = (f"the LoRA raises oocr above base and chance at {len(gained)} of {len(shares)} "
                f"blocks; there the natural "
                f"vector keeps at least half of its gain at {sum(x >= 0.5 for x in gained)}, "
-               f"its negation at {sum(x >= 0.5 for x in negated)}. " + REASON_PLACEHOLDER)
+               f"its negation at {sum(x >= 0.5 for x in negated)}.")
     return Claim(PAPER, "the LoRA's natural vector in its place reproduces much of the OOCR",
                  "much of it", f"`{world}` oocr: " + per_block(per_layer, shown), verdict)
 
@@ -1364,10 +1361,10 @@ def refusal_claims(world, numbers):
     return [
         Claim(REFUSAL, "freezing attention costs little of a steering vector's effect",
               "8.75% of the effect lost", f"`{world}`: lost {costs}",
-              f"lost < 20% on every set: {'yes' if cheap else 'no'}. " + REASON_PLACEHOLDER),
+              f"lost < 20% on every set: {'yes' if cheap else 'no'}."),
         Claim(REFUSAL, "a vector sparsified by 90-99% keeps most of its effect",
               "most of the effect", f"`{world}`, by magnitude, gain kept at 10% / 1% of the "
-              f"dimensions: {kept_text(kept)}", f"{keeps}. " + REASON_PLACEHOLDER),
+              f"dimensions: {kept_text(kept)}", f"{keeps}."),
     ]
 
 
@@ -1407,7 +1404,8 @@ def paper_numbers_part(ctx):
     intro = ("The seed papers' numbers beside ours where a part of this study measured the "
              "comparable one. Every verdict is computed from the numbers in the other sections; "
              "thresholds are in the verdict's words. The toy worlds are analogues of the "
-             "paper's tasks, not the same tasks.")
+             "paper's tasks, not the same tasks. Why each claim agrees or not is for a person to "
+             "write once the whole study has run; nothing here is that discussion.")
     return Section(intro + "\n\n" + claims_table(claims), [],
                    {"claims": [asdict(c) for c in claims]})
 
