@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import analyze
+import sae
 import sweep
 import tasks
 import train
@@ -1129,14 +1130,6 @@ def rl_part(ctx):
 # Part 5: reading the vectors (the refusal-steering study's methods), on the toy runs
 
 
-def read_vector(run_dir, analysis_dir):
-    """analyze.py read_vector on a steering run (seconds: rerun every time, unlike training)
-    -> (record, command)."""
-    argv = ["read_vector", "--run", run_dir, "--out", analysis_dir]
-    analyze.main(argv)
-    return read_json(os.path.join(analysis_dir, "read_vector.json")), argv
-
-
 def effect_kept(table, keep, key):
     """Share of the full vector's accuracy gain (over 0% kept = the base) that `keep`% of its
     dimensions keep; None where the full vector gains nothing."""
@@ -1182,7 +1175,7 @@ def reading_markdown(task, n, metrics, command):
     frozen = ", ".join(f"{name} {share:.0%}" for name, share in n["frozen_share"].items())
     changes = ", ".join(f"{k} {base[k]:.3f} → {final[k]:.3f}" for k in READ_KEYS)
     return "\n".join([
-        f"### `{task}` (seed 0, target 0; `python analyze.py {' '.join(command)}`)", "",
+        f"### `{task}` (seed 0, target 0; `{command}`)", "",
         f"- vector at `{n['hook']}`: norm {n['relative_norm']:.2f} × the residual stream's; "
         f"base → steered: {changes}; shortcuts on oocr (bias / stats / direct / rand95): "
         f"{shortcut_cells([metrics], 'oocr')}",
@@ -1196,6 +1189,54 @@ def reading_markdown(task, n, metrics, command):
         f"right option) kept: {frozen}"])
 
 
+def steered_patching(run, analysis_dir):
+    """analyze.py patching of the oocr probe's first item, the steered run's resid_pre patched
+    into the unsteered run at each position alone and at all positions at once -> (record,
+    command)."""
+    n = len(analyze.load_run(run).eval_sets["oocr"].items[0].prompt)
+    spans = [str(i) for i in range(n)] + [f"0-{n - 1}"]
+    flags = ["--eval", "oocr", "--item", "0", "--contrast", "adapter", "--site", "resid_pre"]
+    return run_analysis("patching", run, analysis_dir, *flags,
+                        *[x for span in spans for x in ("--span", span)])
+
+
+def patching_markdown(record, command):
+    """Per layer: the share of the vector's effect on the metric that patching recovers, at all
+    positions at once, at the last position and at the best single one."""
+    clean, corrupt = record["clean_metric"], record["corrupt_metric"]
+    grid = record["sites"]["resid_pre"]["metric"]  # (layers, positions + 1): the last is all
+
+    def share(value):
+        return (value - corrupt) / (clean - corrupt) if abs(clean - corrupt) > 1e-9 else None
+
+    cells = "; ".join(f"layer {l}: {fmt(share(row[-1]), 2)} / {fmt(share(row[-2]), 2)} / "
+                      f"{fmt(max(share(v) for v in row[:-1]), 2)}" if share(row[-1]) is not None
+                      else f"layer {l}: -" for l, row in enumerate(grid))
+    return (f"- multi-token patching (`{command}`; {record['metric']}: steered {clean:.3f}, "
+            f"unsteered {corrupt:.3f}): share of the effect recovered by the steered resid_pre at "
+            f"all positions / the last / the best single position: {cells}")
+
+
+def trained_sae(out, task):
+    """python sae.py on the world's seed-0 model (block 2's resid_post, TopK k 8, 256 features,
+    2000 steps: ~80 s) -> its metrics; reused when done."""
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        sae.run(sae.RunConfig(task=task, threads=1, out=out))
+    return read_json(os.path.join(out, "metrics.json"))
+
+
+def sae_markdown(metrics, record, command):
+    top = ", ".join(f"f{r['feature']} {r['cos']:+.2f} ({' '.join(r['tokens'][:3])})"
+                    for r in record["decoder"][:3])
+    fits = ", ".join(f"{n}: {f['unexplained']:.2f} (random {f['random_unexplained']:.2f})"
+                     for n, f in record["sparse_fit"].items())
+    return (f"- in SAE features (SAE at `{metrics['hook']}`, {metrics['activation']} k "
+            f"{metrics['k']}, {metrics['width']} features: explained variance "
+            f"{metrics['explained_variance']:.3f}, loss recovered {metrics['loss_recovered']:.3f};"
+            f" `{command}`): most aligned decoder rows {top}; share of |v|² left unexplained by "
+            f"its n most aligned features: {fits}")
+
+
 def reading_vectors_part(ctx):
     part_dir = ctx.part_dir("reading_vectors")
     texts, figures, data = [], [], {}
@@ -1206,15 +1247,24 @@ def reading_vectors_part(ctx):
         ctx.tally([sweep.run_dir(out, "steer", 0, 0)])
         metrics = sweep.run_once("steer", task, 0, 0, out)
         analysis_dir = os.path.join(part_dir, task)
-        record, command = read_vector(sweep.run_dir(out, "steer", 0, 0), analysis_dir)
+        run = sweep.run_dir(out, "steer", 0, 0)
+        record, command = run_analysis("read_vector", run, analysis_dir)
         data[task] = reading_numbers(record)
         texts.append(reading_markdown(task, data[task], metrics, command))
+        texts.append(patching_markdown(*steered_patching(run, analysis_dir)))
+        sae_dir = os.path.join(part_dir, f"sae-{task}")
+        ctx.tally([sae_dir])
+        texts.append(sae_markdown(trained_sae(sae_dir, task),
+                                  *run_analysis("sae_features", run, analysis_dir, "--sae",
+                                                sae_dir)))
         figures.append(copy_as(os.path.join(analysis_dir, "read_vector.png"),
                                os.path.join(part_dir, f"{task}_read_vector.png")))
         texts.append(figure_link(figures[-1], f"{task}: reading the vector"))
     intro = ("The trained steering vector of each persona world read with the refusal-steering "
-             "study's methods (`analyze.py read_vector`). Not yet: multi-token patching of the "
-             "steered run, the vectors as SAE features.")
+             "study's methods (`analyze.py read_vector`), patched position by position and at "
+             "every position at once from the steered run into the unsteered one (`analyze.py "
+             "patching --contrast adapter`), and read in the features of an SAE trained on its "
+             "world's model (`python sae.py`, then `analyze.py sae_features`).")
     return Section("\n\n".join([intro, *texts]), figures, data)
 
 

@@ -285,3 +285,20 @@ def test_paper_task_claims_read_part_3():
     assert functions.verdict == "not measurable (a null)" and "fails" in functions.ours
     assert locations.ours == "`m`: not checked"
     assert "not measured" in reproduce.real_task_claims({})[0].ours
+
+
+def test_patching_markdown_shares_by_hand():
+    # clean (steered) 2.0, corrupt (unsteered) 0.0; columns: position 0, position 1, both
+    record = {"clean_metric": 2.0, "corrupt_metric": 0.0, "metric": "m",
+              "sites": {"resid_pre": {"metric": [[0.0, 0.0, 0.0], [0.5, 1.0, 2.0]]}}}
+    text = reproduce.patching_markdown(record, "cmd")
+    assert "layer 0: 0.00 / 0.00 / 0.00; layer 1: 1.00 / 0.50 / 0.50" in text
+
+
+def test_sae_markdown_reads_the_fit():
+    metrics = {"hook": "h", "activation": "topk", "k": 8, "width": 256,
+               "explained_variance": 0.99, "loss_recovered": 0.98}
+    record = {"decoder": [{"feature": 3, "cos": 0.5, "tokens": ["a", "b"]}],
+              "sparse_fit": {"1": {"unexplained": 0.7, "random_unexplained": 0.9}}}
+    text = reproduce.sae_markdown(metrics, record, "cmd")
+    assert "f3 +0.50 (a b)" in text and "1: 0.70 (random 0.90)" in text
