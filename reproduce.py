@@ -997,7 +997,8 @@ def rl_table(runs, flags, common):
     """group_table, plus the sampled reward and the seconds per run."""
     groups = {f"`{name}`: `{flags[name]}`": runs[name] for name in runs}
     rows = group_table(groups, RL_EVALS, "oocr").split("\n")
-    lines = [rows[0] + " rl reward, first → last 5 steps | seconds per run |", rows[1] + "---|---|"]
+    header = rows[0] + " rl reward, first → last 5 steps | seconds per run |"
+    lines = [header, rows[1] + "---|---|"]
     for row, name in zip(rows[2:], runs):
         seconds = statistics.fmean(m["seconds"] for m in runs[name])
         lines.append(f"{row} {reward_cell(runs[name])} | {seconds:.0f} |")

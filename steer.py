@@ -233,7 +233,8 @@ class Adaptive(Placement):
     def capture_hooks(self):
         if self.vector.hook != "hook_mlp_out":
             return []
-        return [(gate_site(self.vector, layer), self.capture(layer)) for layer in self.vector.layers]
+        layers = self.vector.layers
+        return [(gate_site(self.vector, layer), self.capture(layer)) for layer in layers]
 
     def capture(self, layer):
         def save(x, hook):
