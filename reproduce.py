@@ -352,15 +352,21 @@ def analysed_layers(kinds):
     return [layer for layer in layers if steer_kind(layer) in kinds]
 
 
+def run_analysis(name, run_dir, out, *flags):
+    """An analyze.py subcommand on a run -> (its record, the command)."""
+    argv = [name, "--run", run_dir, "--out", out, *flags]
+    analyze.main(argv)
+    return read_json(os.path.join(out, f"{name}.json")), "python analyze.py " + " ".join(argv)
+
+
 def lora_analysis(out, layer):
     """analyze.py lora_vs_steering on the seed-0, target-0 LoRA at `layer`, beside the steering
     vector trained at the same block (seconds: rerun every time) -> (record, PNG, command)."""
     analysis_dir = os.path.join(out, "analysis", f"block{layer}")
-    argv = ["lora_vs_steering", "--run", sweep.run_dir(out, f"lora:{layer}", 0, 0),
-            "--steer-run", sweep.run_dir(out, steer_kind(layer), 0, 0), "--out", analysis_dir]
-    analyze.main(argv)
-    return (read_json(os.path.join(analysis_dir, "lora_vs_steering.json")),
-            os.path.join(analysis_dir, "lora_vs_steering.png"), argv)
+    record, command = run_analysis("lora_vs_steering", sweep.run_dir(out, f"lora:{layer}", 0, 0),
+                                   analysis_dir, "--steer-run",
+                                   sweep.run_dir(out, steer_kind(layer), 0, 0))
+    return record, os.path.join(analysis_dir, "lora_vs_steering.png"), command
 
 
 def lora_numbers(record):
@@ -400,7 +406,7 @@ def lora_markdown(per_layer, command):
               + " / ".join(name for _, name in SHORTCUTS), f"in_distribution: {states}"]
     lines = [f"Per block, one run (seed 0, target 0): the one-layer LoRA's per-token output "
              f"differences read by `analyze.py lora_vs_steering` beside the steering vector "
-             f"trained at the same block (e.g. `python analyze.py {' '.join(command)}`); the "
+             f"trained at the same block (e.g. `{command}`); the "
              f"natural vector (PC1 × mean norm) and the trained vector put in the LoRA's place.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [lora_row(layer, n) for layer, n in per_layer.items()]
@@ -621,18 +627,6 @@ def composition_part(ctx):
             "alias_oocr": mean_sd([r["alias_embedding"]["resident_mean"]["oocr"]
                                    for r in records])}
     return Section(text, [figure, curves], data)
-
-
-# -----------------------------------------------------------------------------
-# Parts 3 and 4: not implemented yet, and said so
-
-
-def not_implemented(number, name):
-    def part(ctx):
-        model = f" (`--model {ctx.model}` was given and not used)" if ctx.model else ""
-        text = f"**Not yet run: part {number} ({name}) is not implemented.**{model}"
-        return Section(text, [], {"implemented": False})
-    return part
 
 
 # -----------------------------------------------------------------------------
@@ -1003,13 +997,6 @@ def rl_table(runs, flags, common):
         seconds = statistics.fmean(m["seconds"] for m in runs[name])
         lines.append(f"{row} {reward_cell(runs[name])} | {seconds:.0f} |")
     return f"Each run: `python train.py {common}` plus the row's flags.\n\n" + "\n".join(lines)
-
-
-def run_analysis(name, run_dir, out, *flags):
-    """An analyze.py subcommand on a run -> (its record, the command)."""
-    argv = [name, "--run", run_dir, "--out", out, *flags]
-    analyze.main(argv)
-    return read_json(os.path.join(out, f"{name}.json")), "python analyze.py " + " ".join(argv)
 
 
 def first_token_share(profile):
@@ -1495,8 +1482,6 @@ def header(ctx, argv, records, total_seconds):
         r = records.get(name)
         if r is None:
             lines.append(f"| {part.title} | not run (`--parts {name}`) | - | - | - |")
-        elif r["data"].get("implemented") is False:
-            lines.append(f"| {part.title} | not yet run: part not implemented | - | - | - |")
         else:
             runs = r.get("runs", {})
             lines.append(f"| {part.title} | {r['finished']} | {r['seconds']:.0f} s | "
@@ -1559,8 +1544,8 @@ def parse_args(argv):
                         help=f"comma-separated (default: all: {','.join(PARTS)})")
     parser.add_argument("--out", default=os.path.join("runs", "reproduce"),
                         help="where the runs and the part records go (default: runs/reproduce)")
-    parser.add_argument("--model", help="a real checkpoint for part 3 (e.g. a local "
-                        "gemma-3-12b-it directory; part 3 is not implemented yet)")
+    parser.add_argument("--model", help="a real checkpoint for part 3, in place of SmolLM2 and "
+                        "Gemma-3-270M (e.g. a local gemma-3-12b-it directory)")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
                         help="the markdown written (default: RESULTS.md at the repository root; "
                         "figures go to docs/results/ beside it)")

@@ -608,19 +608,11 @@ def load_subject(cfg):
 
 def check_run_dir(cfg):
     """A new run needs an empty --out; --resume needs the settings of the run it continues."""
-    path = os.path.join(cfg.out, "config.json")
-    if not os.path.exists(path):
-        if cfg.resume:
-            raise SAEError(f"--resume: {cfg.out} holds no SAE run to resume")
-        return
-    if not cfg.resume:
-        raise SAEError(f"{cfg.out} already holds a run: pass --resume to continue it, "
-                       "or choose another --out")
-    previous, mine = read_json(path), asdict(cfg)
-    differing = sorted(k for k in mine if k not in ("resume", "threads")
-                       and previous.get(k) != mine[k])
-    if differing:
-        raise SAEError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
+    try:
+        train.check_resumable(cfg.out, cfg.resume, train.as_json(cfg), train.as_json(RunConfig()),
+                              ignored=("resume", "threads"))
+    except train.RunError as e:
+        raise SAEError(str(e)) from None
 
 
 def own_seed(cfg):

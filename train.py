@@ -65,7 +65,8 @@ import lora
 import steer
 import tasks
 import toy
-from checkpoint import CheckpointError, atomic_write, first_line, load_model, save_model, write_json
+from checkpoint import (CheckpointError, atomic_write, first_line, load_model, read_json,
+                        save_model, write_json)
 from model import Transformer, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -413,29 +414,36 @@ def eos_ids(task, tokenizer):
     return tuple(task.completion_eos(tokenizer))
 
 
-def check_out_dir(cfg):
-    """A new run needs an empty --out; --resume needs the same settings as the run it continues."""
-    config_path = os.path.join(cfg.out, "config.json")
+def check_resumable(out, resume, settings, defaults, ignored=("resume",)):
+    """A new run needs an empty out; resume needs the settings of the run it continues.
+    settings and defaults as config.json holds them: a setting missing from an older run's
+    config.json was added since, with a default that keeps the old behaviour (e.g. objective
+    sft). Also sae.py's runs."""
+    config_path = os.path.join(out, "config.json")
     if not os.path.exists(config_path):
-        if cfg.resume:
-            raise RunError(f"--resume: {cfg.out} holds no run to resume")
+        if resume:
+            raise RunError(f"--resume: {out} holds no run to resume")
         return
-    if not cfg.resume:
-        raise RunError(f"{cfg.out} already holds a run: "
+    if not resume:
+        raise RunError(f"{out} already holds a run: "
                        "pass --resume to continue it, or choose another --out")
-    with open(config_path) as f:
-        previous = json.load(f)
-    mine = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples become lists)
-    # a setting missing from an older run's config.json was added since, with a default that
-    # keeps the old behaviour (e.g. objective sft)
-    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    previous = read_json(config_path)
+    differing = sorted(k for k in settings
+                       if k not in ignored and previous.get(k, defaults[k]) != settings[k])
+    if differing:
+        raise RunError(f"--resume: {out} was run with other settings ({', '.join(differing)})")
+
+
+def as_json(settings):
+    """A settings dataclass as config.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(asdict(settings)))
+
+
+def check_out_dir(cfg):
     # --fsdp is how the processes hold the run, not what it computes: a checkpoint holds whole
     # tensors either way
-    layout = ("resume", "fsdp")
-    differing = sorted(k for k in mine
-                       if k not in layout and previous.get(k, defaults[k]) != mine[k])
-    if differing:
-        raise RunError(f"--resume: {cfg.out} was run with other settings ({', '.join(differing)})")
+    check_resumable(cfg.out, cfg.resume, as_json(cfg), as_json(TrainConfig()),
+                    ignored=("resume", "fsdp"))
 
 
 # -----------------------------------------------------------------------------
