@@ -640,7 +640,6 @@ def composition_part(ctx):
 # checkpoint given with --model gets train.py's default, the middle block
 REAL_LAYERS = {"smollm2-135m": 12, "gemma3-270m": 9}
 REAL_DTYPE = "bfloat16"  # autocast in training; train.py scores every eval in fp32 regardless
-CHECK_SEED = 0  # the task data the check reads: a property of the base model, not of a run
 PASS_SES = 2  # a check passes above chance by more than 2 binomial standard errors
 REAL_KINDS = ("steer", "control")  # the trained vector, and the one trained on --opposite
 
@@ -706,30 +705,30 @@ def run_cost(check):
     return 100 * 16 * 3 * tokens["train_example"] + 25 * tokens["claim_sets"]
 
 
-def check_config(model, task):
+def check_config(model, task, seed):
     """train.py's settings of a run on `task`: the check loads and scores as that run would."""
-    return train.with_defaults(train.parse_args(real_flags(model, task, "steer", CHECK_SEED)))
+    return train.with_defaults(train.parse_args(real_flags(model, task, "steer", seed)))
 
 
 @functools.lru_cache(maxsize=1)  # one checkpoint for all its tasks' checks; cleared after them
 def base_checkpoint(model):
     """(base model, tokenizer), loaded once for every task's check."""
-    cfg = check_config(model, checked_tasks()[0])  # the load depends on the model alone
+    cfg = check_config(model, checked_tasks()[0], 0)  # the load depends on the model alone
     return train.base_model(cfg, train.make_task(cfg), train.resolve_device(cfg.device))
 
 
-def capability_check(model, task, path):
-    """The base model's accuracy on each of the task's in-context checks (task seed 0, the
-    task's default items), written to `path`; read back if it exists."""
+def capability_check(model, task, seed, path):
+    """The base model's accuracy on each of the task's in-context checks (the task's data of
+    `seed`, its default items), written to `path`; read back if it exists."""
     if os.path.exists(path):
         return read_json(path)
     started = time.time()
     base, tokenizer = base_checkpoint(model)
-    cfg = check_config(model, task)
+    cfg = check_config(model, task, seed)
     task_ = train.make_task(cfg)
     eval_sets = task_.eval_sets(tokenizer)
     checks = in_context_sets(eval_sets)
-    record = {"model": model, "task": task, "seed": CHECK_SEED,
+    record = {"model": model, "task": task, "seed": seed,
               "accuracy": train.run_evals(cfg, base, checks),
               "chance": tasks.score_chance(checks),
               "items": {name: len(s.items) for name, s in checks.items()},
@@ -740,9 +739,32 @@ def capability_check(model, task, path):
     return record
 
 
+def pooled_check(records):
+    """One task's checks on several task seeds as one: accuracies (and chances) weighted by
+    items, items summed (the seeds' data differ, so their items are new questions)."""
+    first = records[0]
+    items = {name: sum(r["items"][name] for r in records) for name in first["items"]}
+
+    def pooled(field, key):  # "x_in_context.per_token" is scored on the items of "x_in_context"
+        name = key.split(".")[0]
+        return sum(r[field][key] * r["items"][name] for r in records) / items[name]
+
+    return {**first, "seed": [r["seed"] for r in records], "items": items,
+            "accuracy": {key: pooled("accuracy", key) for key in first["accuracy"]},
+            "chance": {key: pooled("chance", key) for key in first["chance"]},
+            "seconds": round(sum(r["seconds"] for r in records), 1)}
+
+
+def task_check(model_dir, model, task, seeds):
+    """The check on every seed the runs train on, pooled: 3 seeds x 40 items lower the pass
+    line from 0.658 to 0.591 at chance 0.5."""
+    return pooled_check([capability_check(model, task, seed, os.path.join(
+        model_dir, "check", f"{task}-s{seed}.json")) for seed in seeds])
+
+
 def pass_line(chance, n):
     """The accuracy a check must beat: chance plus PASS_SES binomial standard errors at chance
-    (with 40 items: 0.658 at chance 0.5, 0.326 at 0.2)."""
+    (with 120 items: 0.591 at chance 0.5, 0.273 at 0.2)."""
     return chance + PASS_SES * math.sqrt(chance * (1 - chance) / n)
 
 
@@ -880,7 +902,7 @@ def probe_sections(model, checks, all_runs, seeds):
     return texts, data
 
 
-def model_head(model, checks, all_runs, seconds):
+def model_head(model, checks, all_runs, seconds, seeds):
     """The model's settings, its wall time and the check table."""
     layer = REAL_LAYERS.get(model)
     block = f"block {layer}" if layer is not None else "the middle block (train.py's default)"
@@ -889,22 +911,20 @@ def model_head(model, checks, all_runs, seconds):
         f"### `{model}`", "",
         f"Steering vector at {block}, `hook_mlp_out`, `--dtype {REAL_DTYPE}`, train.py's "
         f"defaults otherwise (100 steps of 16 examples, lr 1e-1, 20 random draws). Wall time "
-        f"of this model in this command: {seconds:.0f} s (reused checks and runs cost "
+        f"of this model's runs in this command: {seconds:.0f} s (reused checks and runs cost "
         f"nothing here: the checks recorded {check_seconds:.0f} s, the runs' training and evals "
         f"{training_seconds(all_runs):.0f} s without their shortcut baselines).", "",
         f"In-context capability check (`reproduce.capability_check`, run by this part: the base "
-        f"model's accuracy on each probe's `_in_context` set, task seed {CHECK_SEED}; passes "
-        f"above chance by more than {PASS_SES} binomial standard errors):", "",
+        f"model's accuracy on each probe's `_in_context` set over the runs' task seeds "
+        f"{','.join(map(str, seeds))}, pooled; passes above chance by more than {PASS_SES} "
+        f"binomial standard errors):", "",
         check_table(checks)])
 
 
-def real_model_section(ctx, model, part_dir):
-    """One checkpoint: every task's check, then the passing probes' runs and tables."""
+def real_model_section(ctx, model, checks, part_dir):
+    """One checkpoint's passing probes trained (its checks done before): the tables."""
     model_dir = os.path.join(part_dir, model_slug(model))
     started = time.time()
-    checks = {t: capability_check(model, t, os.path.join(model_dir, "check", f"{t}.json"))
-              for t in tqdm(checked_tasks(), desc=f"{model_slug(model)} check")}
-    base_checkpoint.cache_clear()  # the runs load their own: a 12B base held twice would not fit
     limit = ctx.scale.real_task_limit
     trained = trained_tasks(checks, limit)
     all_runs = {t: task_runs(ctx, model_dir, model, t) for t in trained}
@@ -912,17 +932,27 @@ def real_model_section(ctx, model, part_dir):
     seconds = round(time.time() - started, 1)
     data = {"checks": {t: probe_checks(c) for t, c in checks.items()}, "trained": per_probe,
             "seconds": seconds}
-    head = model_head(model, checks, all_runs, seconds)
+    head = model_head(model, checks, all_runs, seconds, ctx.scale.seeds)
     parts = [head, untrained_line(checks, trained, limit), *texts]
     return "\n\n".join(p for p in parts if p), data
+
+
+def model_checks(ctx, model, part_dir):
+    """{task: its check pooled over the scale's seeds}, run or read back."""
+    model_dir = os.path.join(part_dir, model_slug(model))
+    checks = {t: task_check(model_dir, model, t, ctx.scale.seeds)
+              for t in tqdm(checked_tasks(), desc=f"{model_slug(model)} check")}
+    base_checkpoint.cache_clear()  # the runs load their own: a 12B base held twice would not fit
+    return checks
 
 
 def real_checkpoints_part(ctx):
     part_dir = ctx.part_dir("real_checkpoints")
     models = real_models(ctx)
+    checks = {model: model_checks(ctx, model, part_dir) for model in models}  # every check first
     texts, data = [], {}
     for model in models:
-        text, data[model] = real_model_section(ctx, model, part_dir)
+        text, data[model] = real_model_section(ctx, model, checks[model], part_dir)
         texts.append(text)
     if not models:
         return Section("Not run at this scale: every real checkpoint's part takes CPU hours "

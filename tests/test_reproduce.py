@@ -175,6 +175,20 @@ def test_capability_check_pass_line_by_hand():
     assert reproduce.passed_probes(check_record(0.35, chance=0.2)) == ["oocr"]
 
 
+def test_checks_pool_over_seeds_by_hand():
+    a = {**check_record(0.5, items=40), "seed": 0}
+    b = {**check_record(0.8, items=10), "seed": 1}
+    a["accuracy"]["oocr_in_context.per_token"] = 0.25
+    b["accuracy"]["oocr_in_context.per_token"] = 1.0
+    pooled = reproduce.pooled_check([a, b])
+    # (0.5 * 40 + 0.8 * 10) / 50 = 0.56; per token (0.25 * 40 + 1.0 * 10) / 50 = 0.4
+    assert pooled["accuracy"] == pytest.approx({"oocr_in_context": 0.56,
+                                                "oocr_in_context.per_token": 0.4})
+    assert pooled["items"] == {"oocr_in_context": 50} and pooled["seed"] == [0, 1]
+    assert pooled["chance"]["oocr_in_context"] == pytest.approx(0.5)
+    assert pooled["seconds"] == 2.0
+
+
 def test_cheapest_passing_tasks_first():
     checks = {"a": check_record(0.9, cost=300), "b": check_record(0.5),
               "c": check_record(0.9, cost=200)}
@@ -193,9 +207,10 @@ def test_real_flags_parse():
 
 @pytest.fixture
 def fake_real(monkeypatch):
-    """functions passes its check (0.35 vs 0.2), coins fails (0.45 vs 0.5); runs by hand:
-    steer oocr 0.6 / 0.8 / 0.7, control 0.3 / 0.5 / 0.1 (seeds 0, 1, 2)."""
-    checks = {"functions": check_record(0.35, chance=0.2), "coins": check_record(0.45)}
+    """functions passes its check (0.35 / 0.3 / 0.4 on seeds 0-2 vs chance 0.2), coins fails
+    (0.45 vs 0.5); runs by hand: steer oocr 0.6 / 0.8 / 0.7, control 0.3 / 0.5 / 0.1."""
+    checks = {"functions": [check_record(x, chance=0.2) for x in (0.35, 0.3, 0.4)],
+              "coins": [check_record(0.45)] * 3}
     def record(oocr):
         return {**run_record(0.2, oocr, (0.2, 0.3, 0.1, 0.1, 0.4)), "steps": 100, "seconds": 9}
 
@@ -208,7 +223,8 @@ def fake_real(monkeypatch):
         return (control if "--opposite" in flags else steer)[seed]
 
     monkeypatch.setattr(reproduce, "checked_tasks", lambda: list(checks))
-    monkeypatch.setattr(reproduce, "capability_check", lambda model, task, path: checks[task])
+    monkeypatch.setattr(reproduce, "capability_check",
+                        lambda model, task, seed, path: {**checks[task][seed], "seed": seed})
     monkeypatch.setattr(reproduce, "flag_run", run)
     return trained
 
@@ -219,9 +235,11 @@ def test_real_part_from_hand_records(fake_real, tmp_path):
     text = section.markdown
     assert "Models run: `smollm2-135m`" in text and "block 12" in text
     # the failing task: listed with its numbers, not trained
-    assert "| coins | oocr | 40 | 0.500 | 0.450 | 0.658 | **no** |" in text
+    # checks pooled over the 3 seeds: 120 items; lines 0.5 + 2 sqrt(0.25 / 120) = 0.591 and
+    # 0.2 + 2 sqrt(0.16 / 120) = 0.273
+    assert "| coins | oocr | 120 | 0.500 | 0.450 | 0.591 | **no** |" in text
     assert "Not trained, failing every in-context check: coins" in text
-    assert "| functions | oocr | 40 | 0.200 | 0.350 | 0.326 | yes |" in text
+    assert "| functions | oocr | 120 | 0.200 | 0.350 | 0.273 | yes |" in text
     assert "| arithmetic | - |" in text  # no in-context check: said so
     assert sorted(name for name, _ in fake_real) == sorted(
         f"functions-{kind}-s{seed}" for kind in ("steer", "control") for seed in (0, 1, 2))
