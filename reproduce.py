@@ -41,6 +41,7 @@ from checkpoint import CheckpointError, atomic_write, read_json, write_json
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE_DIR = "docs/results"  # relative to RESULTS.md, so the repository page shows the figures
 RECORD = "part.json"
+DISCUSSION = os.path.join(HERE, "docs", "discussion.md")  # by hand, after the full study: last
 SHORTCUTS = (("logit_bias", "bias"), ("answer_stats", "stats"), ("direct_path", "direct"),
              ("random_p95", "rand95"))
 
@@ -1535,9 +1536,19 @@ def publish_figures(records, results_path):
             shutil.copyfile(path, os.path.join(target, os.path.basename(path)))
 
 
+def discussion(ctx):
+    """The hand-written discussion of the full study's numbers ([] for a quick run: it would
+    discuss numbers that are not there)."""
+    if ctx.quick or not os.path.exists(DISCUSSION):
+        return []
+    with open(DISCUSSION) as f:
+        return [f.read().strip()]
+
+
 def write_results(ctx, argv, records, results_path, total_seconds):
     sections = [header(ctx, argv, records, total_seconds)]
     sections += [section_markdown(name, records.get(name)) for name in PARTS]
+    sections += discussion(ctx)
     text = "\n\n".join(sections) + "\n"
 
     def write(tmp):

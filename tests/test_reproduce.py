@@ -120,6 +120,18 @@ def test_resumable(cheap_part, tmp_path):
     assert torch.__version__ in text  # the machine line
 
 
+def test_discussion_follows_the_full_study_only(cheap_part, tmp_path, monkeypatch):
+    note = tmp_path / "discussion.md"
+    note.write_text("## 7. Discussion\n\nwritten by hand\n")
+    monkeypatch.setattr(reproduce, "DISCUSSION", str(note))
+    results = tmp_path / "RESULTS.md"
+    argv = ["--parts", "cheap", "--out", str(tmp_path / "out"), "--results", str(results)]
+    reproduce.main(argv)
+    assert results.read_text().endswith("call 1\n\n## 7. Discussion\n\nwritten by hand\n")
+    reproduce.main(argv + ["--quick"])
+    assert "written by hand" not in results.read_text()
+
+
 def test_unrun_part_is_reported(cheap_part, tmp_path, monkeypatch):
     parts = dict(reproduce.PARTS, other=reproduce.Part("2. other", lambda ctx: None))
     monkeypatch.setattr(reproduce, "PARTS", parts)
