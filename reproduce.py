@@ -746,13 +746,19 @@ def pooled_check(records):
     first = records[0]
     items = {name: sum(r["items"][name] for r in records) for name in first["items"]}
 
-    def pooled(field, key):  # "x_in_context.per_token" is scored on the items of "x_in_context"
+    def pooled(field, key):
+        """A seed without "x.per_token" had options of one length: its per-token score is the
+        summed one, scored on the items of "x"."""
         name = key.split(".")[0]
-        return sum(r[field][key] * r["items"][name] for r in records) / items[name]
+        return sum(r[field].get(key, r[field][name]) * r["items"][name]
+                   for r in records) / items[name]
+
+    def keys(field):
+        return sorted({key for r in records for key in r[field]})
 
     return {**first, "seed": [r["seed"] for r in records], "items": items,
-            "accuracy": {key: pooled("accuracy", key) for key in first["accuracy"]},
-            "chance": {key: pooled("chance", key) for key in first["chance"]},
+            "accuracy": {key: pooled("accuracy", key) for key in keys("accuracy")},
+            "chance": {key: pooled("chance", key) for key in keys("chance")},
             "seconds": round(sum(r["seconds"] for r in records), 1)}
 
 
