@@ -240,6 +240,7 @@ class Context:
     model: str | None = None
     records: dict = field(default_factory=dict)  # finished parts' records, read by later parts
     runs: dict = field(default_factory=lambda: {"trained": 0, "reused": 0})  # the current part's
+    run_dirs: list = field(default_factory=list)  # the current part's train.py runs
 
     def tally(self, run_dirs):
         """Count the train.py runs about to be made or reused: a part's wall time means little
@@ -247,6 +248,13 @@ class Context:
         done = sum(os.path.exists(os.path.join(d, "metrics.json")) for d in run_dirs)
         self.runs["reused"] += done
         self.runs["trained"] += len(run_dirs) - done
+        self.run_dirs += run_dirs
+
+    def run_seconds(self):
+        """The seconds the part's train.py runs recorded, summed: what they cost, whichever
+        command (or session, for a resumed study) trained them."""
+        paths = [os.path.join(d, "metrics.json") for d in self.run_dirs]
+        return sum(read_json(p).get("seconds", 0) for p in paths if os.path.exists(p))
 
     @property
     def scale(self):
@@ -291,10 +299,11 @@ def run_part(ctx, name, force=False):
         return record
     print(f"[{name}] running")
     started = time.time()
-    ctx.runs = {"trained": 0, "reused": 0}
+    ctx.runs, ctx.run_dirs = {"trained": 0, "reused": 0}, []
     section = part.function(ctx)
+    runs = {**ctx.runs, "seconds": round(ctx.run_seconds())}
     record = {"name": name, "title": part.title, "plan": plan(ctx),
-              "markdown": section.markdown, "data": section.data, "runs": dict(ctx.runs),
+              "markdown": section.markdown, "data": section.data, "runs": runs,
               "figures": [os.path.abspath(f) for f in section.figures],
               "seconds": round(time.time() - started, 1), "machine": machine(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -1508,22 +1517,25 @@ def header(ctx, argv, records, total_seconds):
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the run directories "
              f"under `{ctx.out}`; do not edit by hand, rerun the command. Machine: "
              f"{machine_line(machine())}. Whole command: {total_seconds:.0f} s (parts reused "
-             "from earlier runs count their own recorded time below, not this one).", ""]
+             "from earlier runs count their own recorded time below, not this one). A part's "
+             "wall time is that of the command that finished it; where runs were trained by "
+             "earlier, interrupted commands, the seconds its train.py runs recorded, summed, say "
+             "what it cost.", ""]
     if ctx.quick:
         lines += ["> **This is a quick run (`--quick`), not the study.** Reduced: "
                   + "; ".join(reductions(FULL, QUICK)) + ". Training steps are unchanged. "
                   "Run `python reproduce.py` for the whole study.", ""]
-    lines += ["| part | finished | wall time | train.py runs: trained / reused | machine |",
-              "|---|---|---|---|---|"]
+    lines += ["| part | finished | wall time | train.py runs: trained / reused | the runs' "
+              "own seconds, summed | machine |", "|---|---|---|---|---|---|"]
     for name, part in PARTS.items():
         r = records.get(name)
         if r is None:
-            lines.append(f"| {part.title} | not run (`--parts {name}`) | - | - | - |")
+            lines.append(f"| {part.title} | not run (`--parts {name}`) | - | - | - | - |")
         else:
             runs = r.get("runs", {})
             lines.append(f"| {part.title} | {r['finished']} | {r['seconds']:.0f} s | "
                          f"{runs.get('trained', 0)} / {runs.get('reused', 0)} | "
-                         f"{machine_line(r['machine'])} |")
+                         f"{runs.get('seconds', '-')} s | {machine_line(r['machine'])} |")
     return "\n".join(lines)
 
 

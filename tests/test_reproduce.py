@@ -91,7 +91,8 @@ def cheap_part(monkeypatch):
         calls.append(ctx.quick)
         done = os.path.join(ctx.part_dir("cheap"), "done")  # a run to reuse, and one to train
         os.makedirs(done, exist_ok=True)
-        open(os.path.join(done, "metrics.json"), "w").close()
+        with open(os.path.join(done, "metrics.json"), "w") as f:
+            f.write('{"seconds": 7}')
         ctx.tally([done, os.path.join(ctx.out, "cheap", "new")])
         figure = os.path.join(ctx.part_dir("cheap"), "cheap.png")
         with open(figure, "wb") as f:
@@ -107,7 +108,7 @@ def test_resumable(cheap_part, tmp_path):
     argv = ["--parts", "cheap", "--out", str(tmp_path / "out"), "--results", str(results)]
     reproduce.main(argv)
     assert cheap_part == [False] and "call 1" in results.read_text()
-    assert "| 1 / 1 |" in results.read_text()  # train.py runs: trained / reused
+    assert "| 1 / 1 | 7 s |" in results.read_text()  # runs trained / reused, their seconds
     assert (tmp_path / "docs" / "results" / "cheap.png").exists()
     reproduce.main(argv)  # the record exists: skipped, its markdown reused
     assert cheap_part == [False] and "call 1" in results.read_text()
