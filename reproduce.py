@@ -1510,6 +1510,10 @@ PARTS = {
 # RESULTS.md
 
 
+def run_seconds_cell(runs):
+    return f"{runs['seconds']} s" if "seconds" in runs else "-"  # records made before it
+
+
 def header(ctx, argv, records, total_seconds):
     command = "python reproduce.py " + " ".join(argv) if argv else "python reproduce.py"
     lines = ["# Results: the reproduction study", "",
@@ -1535,7 +1539,7 @@ def header(ctx, argv, records, total_seconds):
             runs = r.get("runs", {})
             lines.append(f"| {part.title} | {r['finished']} | {r['seconds']:.0f} s | "
                          f"{runs.get('trained', 0)} / {runs.get('reused', 0)} | "
-                         f"{runs.get('seconds', '-')} s | {machine_line(r['machine'])} |")
+                         f"{run_seconds_cell(runs)} | {machine_line(r['machine'])} |")
     return "\n".join(lines)
 
 
