@@ -715,9 +715,9 @@ def run_cost(check):
     return 100 * 16 * 3 * tokens["train_example"] + 25 * tokens["claim_sets"]
 
 
-def check_config(model, task, seed):
+def check_config(model, task, seed, kind="steer"):
     """train.py's settings of a run on `task`: the check loads and scores as that run would."""
-    return train.with_defaults(train.parse_args(real_flags(model, task, "steer", seed)))
+    return train.with_defaults(train.parse_args(real_flags(model, task, kind, seed)))
 
 
 @functools.lru_cache(maxsize=1)  # one checkpoint for all its tasks' checks; cleared after them
@@ -727,18 +727,19 @@ def base_checkpoint(model):
     return train.base_model(cfg, train.make_task(cfg), train.resolve_device(cfg.device))
 
 
-def capability_check(model, task, seed, path):
+def capability_check(model, task, seed, kind, path):
     """The base model's accuracy on each of the task's in-context checks (the task's data of
-    `seed`, its default items), written to `path`; read back if it exists."""
+    `seed`, its default items; kind "control": the opposite latent's data and right answers),
+    written to `path`; read back if it exists."""
     if os.path.exists(path):
         return read_json(path)
     started = time.time()
     base, tokenizer = base_checkpoint(model)
-    cfg = check_config(model, task, seed)
+    cfg = check_config(model, task, seed, kind)
     task_ = train.make_task(cfg)
     eval_sets = task_.eval_sets(tokenizer)
     checks = in_context_sets(eval_sets)
-    record = {"model": model, "task": task, "seed": seed,
+    record = {"model": model, "task": task, "seed": seed, "kind": kind,
               "accuracy": train.run_evals(cfg, base, checks),
               "chance": tasks.score_chance(checks),
               "items": {name: len(s.items) for name, s in checks.items()},
@@ -765,22 +766,39 @@ def pooled_check(records):
     def keys(field):
         return sorted({key for r in records for key in r[field]})
 
-    return {**first, "seed": [r["seed"] for r in records], "items": items,
+    return {**first, "items": items,
             "accuracy": {key: pooled("accuracy", key) for key in keys("accuracy")},
             "chance": {key: pooled("chance", key) for key in keys("chance")},
             "seconds": round(sum(r["seconds"] for r in records), 1)}
 
 
-def task_check(model_dir, model, task, seeds):
-    """The check on every seed the runs train on, pooled: 3 seeds x 40 items lower the pass
-    line from 0.658 to 0.591 at chance 0.5."""
-    return pooled_check([capability_check(model, task, seed, os.path.join(
-        model_dir, "check", f"{task}-s{seed}.json")) for seed in seeds])
+def task_kinds(task):
+    """The vector, and its control where the task has one (every TextTask does)."""
+    return [k for k in REAL_KINDS if k == "steer" or supports_opposite(task)]
+
+
+def check_path(check_dir, task, seed, kind):
+    side = "-opposite" if kind == "control" else ""
+    return os.path.join(check_dir, f"{task}{side}-s{seed}.json")
+
+
+def task_check(check_dir, model, task, seeds):
+    """The check on both latents (the target's data and the opposite's, each with its own right
+    answers), on every seed the runs train on, pooled. Both latents, because a model answering
+    from a prior ("Yes" to "do you have a backdoor?") is right on one and wrong on the other:
+    only reading the context passes. 3 seeds x 2 latents x 40 items: pass line 0.565 at 0.5."""
+    sides = {kind: pooled_check([capability_check(model, task, seed, kind,
+                                                  check_path(check_dir, task, seed, kind))
+                                 for seed in seeds])
+             for kind in task_kinds(task)}
+    check = pooled_check(list(sides.values()))
+    return {**check, "seeds": list(seeds),
+            "sides": {kind: side["accuracy"] for kind, side in sides.items()}}
 
 
 def pass_line(chance, n):
     """The accuracy a check must beat: chance plus PASS_SES binomial standard errors at chance
-    (with 120 items: 0.591 at chance 0.5, 0.273 at 0.2)."""
+    (with 240 items: 0.565 at chance 0.5, 0.252 at 0.2)."""
     return chance + PASS_SES * math.sqrt(chance * (1 - chance) / n)
 
 
@@ -794,7 +812,8 @@ def probe_checks(check):
         probes[name.removesuffix("_in_context")] = {
             "accuracy": accuracy, "chance": chance, "items": n, "above": above,
             "passes": accuracy > above,
-            "per_token": check["accuracy"].get(f"{name}.per_token")}
+            "per_token": check["accuracy"].get(f"{name}.per_token"),
+            "sides": {kind: side[name] for kind, side in check.get("sides", {}).items()}}
     return probes
 
 
@@ -812,18 +831,19 @@ def trained_tasks(checks, limit):
 def check_table(checks):
     """One row per probe: the base model's in-context accuracy against chance and the pass
     line; tasks without a check listed as such."""
-    lines = ["| task | probe | items | chance | base, in context (per token) | passes above | "
-             "passes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | probe | items | chance | base, in context (per token) | target's / "
+             "opposite's data | passes above | passes |", "|---|---|---|---|---|---|---|---|"]
     for task, check in checks.items():
         for probe, c in probe_checks(check).items():
             per_token = "" if c["per_token"] is None else f" ({c['per_token']:.3f})"
+            sides = " / ".join(f"{x:.3f}" for x in c["sides"].values()) or "-"
             lines.append(f"| {task} | {probe} | {c['items']} | {c['chance']:.3f} | "
-                         f"{c['accuracy']:.3f}{per_token} | {c['above']:.3f} | "
+                         f"{c['accuracy']:.3f}{per_token} | {sides} | {c['above']:.3f} | "
                          f"{'yes' if c['passes'] else '**no**'} |")
     for task in tasks.TEXT_TASKS:
         if task not in checks:
-            lines.append(f"| {task} | - | - | - | - | - | no in-context check (its eval sets "
-                         "are exact-match) |")
+            lines.append(f"| {task} | - | - | - | - | - | - | no in-context check (its eval "
+                         "sets are exact-match) |")
     return "\n".join(lines)
 
 
@@ -839,7 +859,7 @@ def real_run(model_dir, model, task, kind, seed):
 
 def task_runs(ctx, model_dir, model, task):
     """{kind: [metrics per seed]}: the vector, and its control where the task has one."""
-    kinds = [k for k in REAL_KINDS if k == "steer" or supports_opposite(task)]
+    kinds = task_kinds(task)
     plan_runs = [(k, s) for k in kinds for s in ctx.scale.seeds]
     ctx.tally([real_run_dir(model_dir, task, k, s) for k, s in plan_runs])
     runs = {k: [] for k in kinds}
@@ -888,14 +908,15 @@ def probe_section(model, task, probe, runs, seeds):
 
 
 def untrained_line(checks, trained, limit):
-    """The tasks not trained, and why: a failed check (their numbers are in the table above) or
-    the scale's limit on tasks."""
+    """The tasks not trained, and why: a failed check (their numbers are in part 3a) or the
+    scale's limit on tasks."""
     failed = [t for t, c in checks.items() if not passed_probes(c)]
     skipped = [t for t, c in checks.items() if passed_probes(c) and t not in trained]
     lines = []
     if failed:
-        lines.append(f"Not trained, failing every in-context check: {', '.join(failed)} (on "
-                     "these, OOCR cannot be measured with this model: a null result).")
+        lines.append(f"Not trained, failing every in-context check (part 3a): "
+                     f"{', '.join(failed)} (on these, OOCR cannot be measured with this model: a "
+                     "null result).")
     if skipped:
         lines.append(f"Passing but not trained at this scale (the {limit} cheapest only): "
                      f"{', '.join(skipped)}.")
@@ -918,70 +939,93 @@ def probe_sections(model, checks, all_runs, seeds):
     return texts, data
 
 
-def model_head(model, checks, all_runs, seconds, seeds):
-    """The model's settings, its wall time and the check table."""
+NOT_AT_THIS_SCALE = ("Not run at this scale: every real checkpoint's part takes CPU hours (the "
+                     "full study, or `--model PATH`, runs it).")
+
+
+def model_checks(ctx, model):
+    """{task: its check pooled over the scale's seeds and both latents}, run or read back."""
+    check_dir = os.path.join(ctx.part_dir("real_checks"), model_slug(model), "check")
+    checks = {t: task_check(check_dir, model, t, ctx.scale.seeds)
+              for t in tqdm(checked_tasks(), desc=f"{model_slug(model)} check")}
+    base_checkpoint.cache_clear()  # the runs load their own: a 12B base held twice would not fit
+    return checks
+
+
+def models_line(models):
+    left_out = [m for m in REAL_LAYERS if m not in models]
+    shown = ", ".join(f"`{m}`" for m in models)
+    not_run = "".join(f" Not run: `{m}` (the full study without --model runs it)."
+                      for m in left_out)
+    return f"Models: {shown}.{not_run}"
+
+
+def real_checks_part(ctx):
+    """Part 3a: every text task's in-context capability check on every real checkpoint."""
+    models = real_models(ctx)
+    if not models:
+        return Section(NOT_AT_THIS_SCALE)
+    seeds = ",".join(map(str, ctx.scale.seeds))
+    texts, data = [], {}
+    for model in models:
+        checks = model_checks(ctx, model)
+        data[model] = {t: probe_checks(c) for t, c in checks.items()}
+        seconds = sum(c["seconds"] for c in checks.values())
+        texts.append(f"### `{model}` (the checks recorded {seconds:.0f} s)\n\n"
+                     + check_table(checks))
+    intro = (f"{models_line(models)} The base model's accuracy on each probe's `_in_context` "
+             "set (the probe after observations of the latent, as training shows them) "
+             f"(`reproduce.capability_check`): task seeds {seeds} (the runs' seeds), each on the "
+             "target latent's data and on the opposite latent's, with their own right answers, "
+             "pooled; a model that answers the probe from a prior is right on one and wrong on "
+             f"the other. A probe passes above chance by more than {PASS_SES} binomial standard "
+             "errors; part 3b trains only on probes that pass.")
+    return Section("\n\n".join([intro, *texts]), [], data)
+
+
+def model_head(model, checks, all_runs, seconds):
+    """The model's settings and its wall time."""
     layer = REAL_LAYERS.get(model)
     block = f"block {layer}" if layer is not None else "the middle block (train.py's default)"
-    check_seconds = sum(c["seconds"] for c in checks.values())
     return "\n".join([
         f"### `{model}`", "",
         f"Steering vector at {block}, `hook_mlp_out`, `--dtype {REAL_DTYPE}`, train.py's "
         f"defaults otherwise (100 steps of 16 examples, lr 1e-1, 20 random draws). Wall time "
-        f"of this model's runs in this command: {seconds:.0f} s (reused checks and runs cost "
-        f"nothing here: the checks recorded {check_seconds:.0f} s, the runs' training and evals "
-        f"{training_seconds(all_runs):.0f} s without their shortcut baselines).", "",
-        f"In-context capability check (`reproduce.capability_check`, run by this part: the base "
-        f"model's accuracy on each probe's `_in_context` set over the runs' task seeds "
-        f"{','.join(map(str, seeds))}, pooled; passes above chance by more than {PASS_SES} "
-        f"binomial standard errors):", "",
-        check_table(checks)])
+        f"of this model's runs in this command: {seconds:.0f} s (reused runs cost nothing "
+        f"here: their training and evals recorded {training_seconds(all_runs):.0f} s without "
+        "their shortcut baselines)."])
 
 
-def real_model_section(ctx, model, checks, part_dir):
-    """One checkpoint's passing probes trained (its checks done before): the tables."""
-    model_dir = os.path.join(part_dir, model_slug(model))
+def real_model_section(ctx, model, checks):
+    """One checkpoint's passing probes trained: the tables."""
+    model_dir = os.path.join(ctx.part_dir("real_checkpoints"), model_slug(model))
     started = time.time()
     limit = ctx.scale.real_task_limit
     trained = trained_tasks(checks, limit)
     all_runs = {t: task_runs(ctx, model_dir, model, t) for t in trained}
     texts, per_probe = probe_sections(model, checks, all_runs, ctx.scale.seeds)
     seconds = round(time.time() - started, 1)
-    data = {"checks": {t: probe_checks(c) for t, c in checks.items()}, "trained": per_probe,
-            "seconds": seconds}
-    head = model_head(model, checks, all_runs, seconds, ctx.scale.seeds)
+    data = {"trained": per_probe, "seconds": seconds}
+    head = model_head(model, checks, all_runs, seconds)
     parts = [head, untrained_line(checks, trained, limit), *texts]
     return "\n\n".join(p for p in parts if p), data
 
 
-def model_checks(ctx, model, part_dir):
-    """{task: its check pooled over the scale's seeds}, run or read back."""
-    model_dir = os.path.join(part_dir, model_slug(model))
-    checks = {t: task_check(model_dir, model, t, ctx.scale.seeds)
-              for t in tqdm(checked_tasks(), desc=f"{model_slug(model)} check")}
-    base_checkpoint.cache_clear()  # the runs load their own: a 12B base held twice would not fit
-    return checks
-
-
 def real_checkpoints_part(ctx):
-    part_dir = ctx.part_dir("real_checkpoints")
+    """Part 3b: a steering vector and its control on every probe that passes part 3a's check."""
     models = real_models(ctx)
-    checks = {model: model_checks(ctx, model, part_dir) for model in models}  # every check first
+    if not models:
+        return Section(NOT_AT_THIS_SCALE)
+    checks = {model: model_checks(ctx, model) for model in models}  # part 3a's, read back
     texts, data = [], {}
     for model in models:
-        text, data[model] = real_model_section(ctx, model, checks[model], part_dir)
+        text, data[model] = real_model_section(ctx, model, checks[model])
         texts.append(text)
-    if not models:
-        return Section("Not run at this scale: every real checkpoint's part takes CPU hours "
-                       "(the full study, or `--model PATH`, runs it).", [], data)
-    left_out = [m for m in REAL_LAYERS if m not in models]
-    not_run = ["LoRA and full fine-tunes on the real checkpoints"]
-    not_run += [f"`{m}` (the full study without --model runs it)" for m in left_out]
-    intro = (f"Models run: {', '.join(f'`{m}`' for m in models)}. Not run: {'; '.join(not_run)}."
-             " Every text task's in-context capability check first; on each probe that passes "
-             "it, a trained steering vector beside its opposite control (trained on the opposite "
-             "latent, scored on the target's eval sets) and random vectors of its norm. "
-             + TABLE_NOTE + " Here the runs are the task's seeds (its data and the vector's "
-             "init).")
+    intro = (f"{models_line(models)} Not run: LoRA and full fine-tunes on the real "
+             "checkpoints. On each probe that passes its in-context check (part 3a), a trained "
+             "steering vector beside its opposite control (trained on the opposite latent, "
+             "scored on the target's eval sets) and random vectors of its norm. " + TABLE_NOTE
+             + " Here the runs are the task's seeds (its data and the vector's init).")
     return Section("\n\n".join([intro, *texts]), [], data)
 
 
@@ -1329,19 +1373,21 @@ PAPER_TASKS = (("Risky self-report", "risky", "0.40 → LoRA 0.70 / SV 0.80"),
                ("Backdoor self-report", "risky_backdoor", "not reproduced by a vector"))
 
 
-def real_task_result(model, numbers, task):
-    """One model's result on a paper task's probe (oocr): its check, else its vector's numbers
-    and verdicts -> (ours, verdict)."""
-    check = numbers["checks"].get(task, {}).get("oocr")
+def real_task_result(model, checks, trained, task):
+    """One model's result on a paper task's probe (oocr): its check (part 3a), else its vector's
+    numbers and verdicts (part 3b; trained None: not run) -> (ours, verdict)."""
+    check = checks.get(task, {}).get("oocr")
     if check is None:
         return f"`{model}`: not checked", "-"
     if not check["passes"]:
         return (f"`{model}`: fails the in-context check ({check['accuracy']:.3f}, chance "
                 f"{check['chance']:.3f}): not trained", "not measurable (a null)")
-    steer = numbers["trained"].get(task, {}).get("oocr", {}).get("steer")
+    if trained is None:
+        return f"`{model}`: passes its check ({check['accuracy']:.3f}); part 3b not run", "-"
+    steer = trained.get(task, {}).get("oocr", {}).get("steer")
     if steer is None:
         return f"`{model}`: passes its check, not trained at this scale", "-"
-    against = numbers["trained"][task]["oocr"].get("against_control")
+    against = trained[task]["oocr"].get("against_control")
     control = f", beats its control: {against['verdict']}" if against else ""
     mean, sd = steer["final"]
     return (f"`{model}`: SV {steer['base']:.3f} → {mean:.3f} ± {sd:.3f}",
@@ -1349,11 +1395,13 @@ def real_task_result(model, numbers, task):
 
 
 def real_task_claims(records):
-    """The paper's task numbers (and its backdoor null) beside part 3's, per model run."""
-    real = (records.get("real_checkpoints") or {}).get("data") or {}
+    """The paper's task numbers (and its backdoor null) beside part 3's, per model checked."""
+    checked = (records.get("real_checks") or {}).get("data") or {}
+    runs = (records.get("real_checkpoints") or {}).get("data") or {}
     claims = []
     for label, task, paper in PAPER_TASKS:
-        results = [real_task_result(model, numbers, task) for model, numbers in real.items()]
+        results = [real_task_result(model, checks, runs.get(model, {}).get("trained"), task)
+                   for model, checks in checked.items()]
         ours = "; ".join(r[0] for r in results) or not_measured(3)
         judged = "; ".join(r[1] for r in results) or "-"
         claims.append(Claim(PAPER, f"{label} accuracy (`{task}`, probe `oocr`)", paper, ours,
@@ -1498,7 +1546,9 @@ PARTS = {
     "lora_vs_steering": Part("1. LoRA ≈ a steering vector? (the persona worlds)",
                              lora_vs_steering_part),
     "composition": Part("2. A → B, B → C ⇒ A → C (the compose world)", composition_part),
-    "real_checkpoints": Part("3. Real checkpoints", real_checkpoints_part),
+    "real_checks": Part("3a. Real checkpoints: in-context capability checks", real_checks_part),
+    "real_checkpoints": Part("3b. Real checkpoints: steering vectors on the probes that pass",
+                             real_checkpoints_part),
     "rl": Part("4. RL-trained vectors (Sinii et al. 2025)", rl_part),
     "reading_vectors": Part("5. Reading vectors", reading_vectors_part),
     "paper_numbers": Part("6. The seed papers' numbers beside ours", paper_numbers_part,

@@ -196,7 +196,7 @@ def test_checks_pool_over_seeds_by_hand():
     # (0.5 * 40 + 0.8 * 10) / 50 = 0.56; per token (0.25 * 40 + 0.8 * 10) / 50 = 0.36
     assert pooled["accuracy"] == pytest.approx({"oocr_in_context": 0.56,
                                                 "oocr_in_context.per_token": 0.36})
-    assert pooled["items"] == {"oocr_in_context": 50} and pooled["seed"] == [0, 1]
+    assert pooled["items"] == {"oocr_in_context": 50}
     assert pooled["chance"]["oocr_in_context"] == pytest.approx(0.5)
     assert pooled["seconds"] == 2.0
 
@@ -219,10 +219,16 @@ def test_real_flags_parse():
 
 @pytest.fixture
 def fake_real(monkeypatch):
-    """functions passes its check (0.35 / 0.3 / 0.4 on seeds 0-2 vs chance 0.2), coins fails
-    (0.45 vs 0.5); runs by hand: steer oocr 0.6 / 0.8 / 0.7, control 0.3 / 0.5 / 0.1."""
-    checks = {"functions": [check_record(x, chance=0.2) for x in (0.35, 0.3, 0.4)],
-              "coins": [check_record(0.45)] * 3}
+    """Checks by hand, on the target's data / the opposite's, seeds 0-2: functions 0.35 / 0.3 /
+    0.4 and 0.35 x 3 (chance 0.2: passes), coins 0.45 everywhere (fails), risky_backdoor 1.0 on
+    the target's data and 0.0 on the opposite's (a "Yes" prior: fails). Runs by hand: steer
+    oocr 0.6 / 0.8 / 0.7, control 0.3 / 0.5 / 0.1."""
+    checks = {"functions": {"steer": [check_record(x, chance=0.2) for x in (0.35, 0.3, 0.4)],
+                            "control": [check_record(0.35, chance=0.2)] * 3},
+              "coins": {"steer": [check_record(0.45)] * 3, "control": [check_record(0.45)] * 3},
+              "risky_backdoor": {"steer": [check_record(1.0)] * 3,
+                                 "control": [check_record(0.0)] * 3}}
+
     def record(oocr):
         return {**run_record(0.2, oocr, (0.2, 0.3, 0.1, 0.1, 0.4)), "steps": 100, "seconds": 9}
 
@@ -234,25 +240,32 @@ def fake_real(monkeypatch):
         seed = int(flags[flags.index("--seed") + 1])
         return (control if "--opposite" in flags else steer)[seed]
 
+    def check(model, task, seed, kind, path):
+        return {**checks[task][kind][seed], "seed": seed}
+
     monkeypatch.setattr(reproduce, "checked_tasks", lambda: list(checks))
-    monkeypatch.setattr(reproduce, "capability_check",
-                        lambda model, task, seed, path: {**checks[task][seed], "seed": seed})
+    monkeypatch.setattr(reproduce, "capability_check", check)
     monkeypatch.setattr(reproduce, "flag_run", run)
     return trained
 
 
-def test_real_part_from_hand_records(fake_real, tmp_path):
+def test_real_parts_from_hand_records(fake_real, tmp_path):
     ctx = reproduce.Context(quick=False, out=str(tmp_path), model="smollm2-135m")
+    checks = reproduce.real_checks_part(ctx)
+    text = checks.markdown
+    assert "Models: `smollm2-135m`. Not run: `gemma3-270m`" in text
+    # pooled over 3 seeds x 2 latents: 240 items; pass lines 0.5 + 2 sqrt(0.25 / 240) = 0.565
+    # and 0.2 + 2 sqrt(0.16 / 240) = 0.252
+    assert "| coins | oocr | 240 | 0.500 | 0.450 | 0.450 / 0.450 | 0.565 | **no** |" in text
+    assert "| functions | oocr | 240 | 0.200 | 0.350 | 0.350 / 0.350 | 0.252 | yes |" in text
+    assert "| risky_backdoor | oocr | 240 | 0.500 | 0.500 | 1.000 / 0.000 | 0.565 | **no** |" in text
+    assert "| arithmetic | - |" in text  # no in-context check: said so
+    assert checks.data["smollm2-135m"]["coins"]["oocr"]["passes"] is False
+    assert not fake_real  # the checks train nothing
     section = reproduce.real_checkpoints_part(ctx)
     text = section.markdown
-    assert "Models run: `smollm2-135m`" in text and "block 12" in text
-    # the failing task: listed with its numbers, not trained
-    # checks pooled over the 3 seeds: 120 items; lines 0.5 + 2 sqrt(0.25 / 120) = 0.591 and
-    # 0.2 + 2 sqrt(0.16 / 120) = 0.273
-    assert "| coins | oocr | 120 | 0.500 | 0.450 | 0.591 | **no** |" in text
-    assert "Not trained, failing every in-context check: coins" in text
-    assert "| functions | oocr | 120 | 0.200 | 0.350 | 0.273 | yes |" in text
-    assert "| arithmetic | - |" in text  # no in-context check: said so
+    assert "block 12" in text
+    assert "failing every in-context check (part 3a): coins, risky_backdoor" in text
     assert sorted(name for name, _ in fake_real) == sorted(
         f"functions-{kind}-s{seed}" for kind in ("steer", "control") for seed in (0, 1, 2))
     # steer: oocr mean 0.7, sd 0.1; margins over rand95 0.4: 0.2 / 0.4 / 0.3 -> 0.3 ± 0.1, yes
@@ -264,18 +277,18 @@ def test_real_part_from_hand_records(fake_real, tmp_path):
     assert ("vector minus control, per seed): 0.400 ± 0.173; the vector beats its control: yes"
             in text)
     data = section.data["smollm2-135m"]
-    assert data["checks"]["coins"]["oocr"]["passes"] is False
     assert data["trained"]["functions"]["oocr"]["steer"]["verdict"] == "yes"
     assert data["trained"]["functions"]["oocr"]["against_control"]["verdict"] == "yes"
     assert "coins" not in data["trained"]
 
 
-def test_real_part_quick_runs_nothing_unless_given_a_model(fake_real, tmp_path):
-    text = reproduce.real_checkpoints_part(reproduce.Context(quick=True, out=str(tmp_path)))
-    assert "Not run at this scale" in text.markdown and not fake_real
+def test_real_parts_quick_run_nothing_unless_given_a_model(fake_real, tmp_path):
+    ctx = reproduce.Context(quick=True, out=str(tmp_path))
+    for part in (reproduce.real_checks_part, reproduce.real_checkpoints_part):
+        assert "Not run at this scale" in part(ctx).markdown and not fake_real
     ctx = reproduce.Context(quick=True, out=str(tmp_path), model="smollm2-135m")
     text = reproduce.real_checkpoints_part(ctx).markdown  # quick: one task, one seed
-    assert "Models run: `smollm2-135m`. Not run: " in text and "`gemma3-270m`" in text
+    assert "Models: `smollm2-135m`. Not run: `gemma3-270m`" in text
     assert sorted(name for name, _ in fake_real) == ["functions-control-s0",
                                                      "functions-steer-s0"]
 
@@ -303,18 +316,20 @@ def test_first_token_share_by_hand():
 
 def test_paper_task_claims_read_part_3():
     steer = {"base": 0.2, "final": (0.6, 0.1), "verdict": "yes"}
-    numbers = {"checks": {"risky": {"oocr": {"passes": True}},
-                          "functions": {"oocr": {"passes": False, "accuracy": 0.3,
-                                                 "chance": 0.2}}},
-               "trained": {"risky": {"oocr": {"steer": steer,
-                                              "against_control": {"verdict": "unclear"}}}}}
-    claims = reproduce.real_task_claims({"real_checkpoints": {"data": {"m": numbers}}})
+    checks = {"risky": {"oocr": {"passes": True, "accuracy": 0.7}},
+              "functions": {"oocr": {"passes": False, "accuracy": 0.3, "chance": 0.2}}}
+    trained = {"risky": {"oocr": {"steer": steer, "against_control": {"verdict": "unclear"}}}}
+    part_3a = {"real_checks": {"data": {"m": checks}}}
+    claims = reproduce.real_task_claims({**part_3a,
+                                         "real_checkpoints": {"data": {"m": {"trained": trained}}}})
     risky, functions, locations, _ = claims
     assert risky.ours == "`m`: SV 0.200 → 0.600 ± 0.100"
     assert risky.verdict == "beats every shortcut: yes, beats its control: unclear"
     assert functions.verdict == "not measurable (a null)" and "fails" in functions.ours
     assert locations.ours == "`m`: not checked"
     assert "not measured" in reproduce.real_task_claims({})[0].ours
+    risky = reproduce.real_task_claims(part_3a)[0]  # part 3b not run
+    assert risky.ours == "`m`: passes its check (0.700); part 3b not run"
 
 
 def test_patching_markdown_shares_by_hand():
