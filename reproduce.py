@@ -1573,8 +1573,8 @@ def header(ctx, argv, records, total_seconds):
              f"{machine_line(machine())}. Whole command: {total_seconds:.0f} s (parts reused "
              "from earlier runs count their own recorded time below, not this one). A part's "
              "wall time is that of the command that finished it; where runs were trained by "
-             "earlier, interrupted commands, the seconds its train.py runs recorded, summed, say "
-             "what it cost.", ""]
+             "earlier, interrupted commands, the seconds its train.py runs recorded (training "
+             "and evals, without the shortcut baselines), summed, say more of what it cost.", ""]
     if ctx.quick:
         lines += ["> **This is a quick run (`--quick`), not the study.** Reduced: "
                   + "; ".join(reductions(FULL, QUICK)) + ". Training steps are unchanged. "
