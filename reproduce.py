@@ -241,6 +241,7 @@ class Context:
     records: dict = field(default_factory=dict)  # finished parts' records, read by later parts
     runs: dict = field(default_factory=lambda: {"trained": 0, "reused": 0})  # the current part's
     run_dirs: list = field(default_factory=list)  # the current part's train.py runs
+    check_seconds: float = 0.0  # the current part's in-context checks' recorded seconds
 
     def tally(self, run_dirs):
         """Count the train.py runs about to be made or reused: a part's wall time means little
@@ -254,7 +255,8 @@ class Context:
         """The seconds the part's train.py runs recorded, summed: what they cost, whichever
         command (or session, for a resumed study) trained them."""
         paths = [os.path.join(d, "metrics.json") for d in self.run_dirs]
-        return sum(read_json(p).get("seconds", 0) for p in paths if os.path.exists(p))
+        runs = sum(read_json(p).get("seconds", 0) for p in paths if os.path.exists(p))
+        return runs + self.check_seconds
 
     @property
     def scale(self):
@@ -299,7 +301,7 @@ def run_part(ctx, name, force=False):
         return record
     print(f"[{name}] running")
     started = time.time()
-    ctx.runs, ctx.run_dirs = {"trained": 0, "reused": 0}, []
+    ctx.runs, ctx.run_dirs, ctx.check_seconds = {"trained": 0, "reused": 0}, [], 0.0
     section = part.function(ctx)
     runs = {**ctx.runs, "seconds": round(ctx.run_seconds())}
     record = {"name": name, "title": part.title, "plan": plan(ctx),
@@ -842,8 +844,8 @@ def check_table(checks):
                          f"{'yes' if c['passes'] else '**no**'} |")
     for task in tasks.TEXT_TASKS:
         if task not in checks:
-            lines.append(f"| {task} | - | - | - | - | - | - | no in-context check (its eval "
-                         "sets are exact-match) |")
+            lines.append(f"| {task} | - | - | - | - | - | - | no in-context check (no latent "
+                         "to infer) |")
     return "\n".join(lines)
 
 
@@ -971,11 +973,12 @@ def real_checks_part(ctx):
         checks = model_checks(ctx, model)
         data[model] = {t: probe_checks(c) for t, c in checks.items()}
         seconds = sum(c["seconds"] for c in checks.values())
+        ctx.check_seconds += seconds
         texts.append(f"### `{model}` (the checks recorded {seconds:.0f} s)\n\n"
                      + check_table(checks))
-    intro = (f"{models_line(models)} The base model's accuracy on each probe's `_in_context` "
-             "set (the probe after observations of the latent, as training shows them) "
-             f"(`reproduce.capability_check`): task seeds {seeds} (the runs' seeds), each on the "
+    intro = (f"{models_line(models)} `reproduce.capability_check`: the base model's accuracy "
+             "on each probe's `_in_context` set (the probe after observations of the latent, as "
+             f"training shows them), task seeds {seeds} (the runs' seeds), each on the "
              "target latent's data and on the opposite latent's, with their own right answers, "
              "pooled; a model that answers the probe from a prior is right on one and wrong on "
              f"the other. A probe passes above chance by more than {PASS_SES} binomial standard "
@@ -1574,13 +1577,14 @@ def header(ctx, argv, records, total_seconds):
              "from earlier runs count their own recorded time below, not this one). A part's "
              "wall time is that of the command that finished it; where runs were trained by "
              "earlier, interrupted commands, the seconds its train.py runs recorded (training "
-             "and evals, without the shortcut baselines), summed, say more of what it cost.", ""]
+             "and evals, without the shortcut baselines) and part 3a's checks, summed, say more "
+             "of what it cost.", ""]
     if ctx.quick:
         lines += ["> **This is a quick run (`--quick`), not the study.** Reduced: "
                   + "; ".join(reductions(FULL, QUICK)) + ". Training steps are unchanged. "
                   "Run `python reproduce.py` for the whole study.", ""]
-    lines += ["| part | finished | wall time | train.py runs: trained / reused | the runs' "
-              "own seconds, summed | machine |", "|---|---|---|---|---|---|"]
+    lines += ["| part | finished | wall time | train.py runs: trained / reused | seconds its "
+              "runs (and checks) recorded, summed | machine |", "|---|---|---|---|---|---|"]
     for name, part in PARTS.items():
         r = records.get(name)
         if r is None:
