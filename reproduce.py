@@ -986,7 +986,7 @@ def real_checks_part(ctx):
     return Section("\n\n".join([intro, *texts]), [], data)
 
 
-def model_head(model, checks, all_runs, seconds):
+def model_head(model, all_runs, seconds):
     """The model's settings and its wall time."""
     layer = REAL_LAYERS.get(model)
     block = f"block {layer}" if layer is not None else "the middle block (train.py's default)"
@@ -1009,7 +1009,7 @@ def real_model_section(ctx, model, checks):
     texts, per_probe = probe_sections(model, checks, all_runs, ctx.scale.seeds)
     seconds = round(time.time() - started, 1)
     data = {"trained": per_probe, "seconds": seconds}
-    head = model_head(model, checks, all_runs, seconds)
+    head = model_head(model, all_runs, seconds)
     parts = [head, untrained_line(checks, trained, limit), *texts]
     return "\n\n".join(p for p in parts if p), data
 
