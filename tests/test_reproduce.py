@@ -258,7 +258,8 @@ def test_real_parts_from_hand_records(fake_real, tmp_path):
     # and 0.2 + 2 sqrt(0.16 / 240) = 0.252
     assert "| coins | oocr | 240 | 0.500 | 0.450 | 0.450 / 0.450 | 0.565 | **no** |" in text
     assert "| functions | oocr | 240 | 0.200 | 0.350 | 0.350 / 0.350 | 0.252 | yes |" in text
-    assert "| risky_backdoor | oocr | 240 | 0.500 | 0.500 | 1.000 / 0.000 | 0.565 | **no** |" in text
+    prior = "| risky_backdoor | oocr | 240 | 0.500 | 0.500 | 1.000 / 0.000 | 0.565 | **no** |"
+    assert prior in text  # right on the target's data from a "Yes" prior, wrong on the other
     assert "| arithmetic | - |" in text  # no in-context check: said so
     assert checks.data["smollm2-135m"]["coins"]["oocr"]["passes"] is False
     assert not fake_real  # the checks train nothing
