@@ -1038,6 +1038,7 @@ def real_checkpoints_part(ctx):
 # readouts, and the real-checkpoint table on SmolLM2's arithmetic task (full scale only).
 
 RL_TOY = "--task persona --threads 1"
+RL_HARD = "--task persona_hard --threads 1"  # no output bias answers its oocr probe
 RL_TOY_RUNS = {  # name -> train.py flags; block 1 as in the README's RL table
     "sft": "--adapter steer --layers 1",
     "rl": "--adapter steer --layers 1 --objective rl",
@@ -1140,6 +1141,17 @@ def adaptive_markdown(record, command):
             f"lowest on {low}.")
 
 
+def rl_hard_section(ctx, part_dir):
+    """sft vs rl vs rl-opposite on persona_hard, whose probe no shortcut answers."""
+    plan_runs = [(n, f, s) for n, f in RL_TOY_RUNS.items() for s in ctx.scale.seeds]
+    runs = rl_runs(ctx, os.path.join(part_dir, "toy_persona_hard"), plan_runs, RL_HARD)
+    text = "\n\n".join([
+        "### The persona_hard world: reward alone", "As above on `persona_hard` (part 1), "
+        "whose probe `oocr` no constant output bias answers. Here the runs are world seeds, "
+        "target 0.", rl_table(runs, RL_TOY_RUNS, RL_HARD)])
+    return text, {name: summarise_kind(runs[name]) for name in RL_TOY_RUNS}
+
+
 def rl_toy_section(ctx, part_dir):
     root = os.path.join(part_dir, "toy")
     plan_runs = [(n, f, s) for n, f in RL_TOY_RUNS.items() for s in ctx.scale.seeds]
@@ -1196,7 +1208,8 @@ def rl_real_section(ctx, part_dir):
 def rl_part(ctx):
     part_dir = ctx.part_dir("rl")
     text, figures, data = rl_toy_section(ctx, part_dir)
-    texts = [text]
+    hard_text, data["persona_hard"] = rl_hard_section(ctx, part_dir)
+    texts = [text, hard_text]
     if ctx.scale.rl_real:
         real_text, real_figures, data["smollm2"] = rl_real_section(ctx, part_dir)
         texts.append(real_text)
