@@ -768,7 +768,7 @@ def pooled_check(records):
     def keys(field):
         return sorted({key for r in records for key in r[field]})
 
-    return {**first, "items": items,
+    return {"tokens": first["tokens"], "items": items,  # one seed's tokens: a cost estimate
             "accuracy": {key: pooled("accuracy", key) for key in keys("accuracy")},
             "chance": {key: pooled("chance", key) for key in keys("chance")},
             "seconds": round(sum(r["seconds"] for r in records), 1)}
@@ -794,8 +794,7 @@ def task_check(check_dir, model, task, seeds):
                                  for seed in seeds])
              for kind in task_kinds(task)}
     check = pooled_check(list(sides.values()))
-    return {**check, "seeds": list(seeds),
-            "sides": {kind: side["accuracy"] for kind, side in sides.items()}}
+    return {**check, "sides": {kind: side["accuracy"] for kind, side in sides.items()}}
 
 
 def pass_line(chance, n):
